@@ -1,0 +1,68 @@
+"""Structured configs: the schema every recipe under ``recipes/`` is validated against.
+
+Hydra merges the YAML recipes and the command-line overrides onto these dataclasses, so
+an unknown key (a typo) or a value of the wrong type fails at start-up with the full key
+named, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class DataConfig:
+    """Where conversations come from and where their shards go (``recipes/data/``)."""
+
+    source: str = "synthetic"          # "synthetic" (embedded corpus) | "moshi" (ingest)
+    out_dir: str = "data/synthetic"    # shards, manifest.json, rejects.jsonl
+    # synthetic corpus
+    n_conversations: int = 256
+    eval_conversations: int = 32       # held-out split, separate shards
+    seed: int = 0
+    scenarios: list[str] = field(default_factory=list)  # empty = all scenarios
+    # ingestion of a moshi-finetune style corpus
+    manifest: Optional[str] = None     # the .jsonl manifest
+    video_dir: Optional[str] = None    # optional <stem>.npy video per conversation
+    assistant_channel: int = 0         # channel of the model's own voice
+    # shard writing
+    conversations_per_shard: int = 16
+    workers: int = 2
+
+
+@dataclass
+class LoaderConfig:
+    """Shards → packed batches (``recipes/loader/``)."""
+
+    split: str = "train"
+    row_length: int = 1024
+    max_patches_per_row: int = 64
+    batch_size: int = 4
+    seed: int = 0
+    shuffle: bool = True
+    workers: int = 0                   # torch DataLoader workers; 0 = in-process
+
+
+@dataclass
+class BenchConfig:
+    out: str = "bench_results/data.json"
+    conversations: int = 64
+    loader_batches: int = 40
+    model_tokens_per_second: float = 0.0  # tiny model's training consumption; 0 = not known yet
+
+
+@dataclass
+class TmlConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="tml_schema", node=TmlConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="loader", name="loader_schema", node=LoaderConfig)
