@@ -1,0 +1,61 @@
+"""The tml command (Hydra recipes validated at start-up) and the installed package layout."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TML = [sys.executable, "-m", "tml.cli"]
+
+
+def run(*args, cwd=None):
+    return subprocess.run([*TML, *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+def test_usage_lists_only_real_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    assert "tml data build" in r.stdout and "tml data summary" in r.stdout
+
+
+def test_unknown_command_fails():
+    r = run("data", "bild")
+    assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_typo_in_a_key_names_the_key(tmp_path):
+    r = run("data", "summary", "data.n_convs=3", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "data.n_convs" in r.stderr + r.stdout and "not in 'DataConfig'" in r.stderr + r.stdout
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    r = run("data", "summary", "loader.batch_size=many", cwd=tmp_path)
+    assert r.returncode != 0 and "loader.batch_size" in r.stderr + r.stdout
+
+
+def test_unknown_recipe_option_fails(tmp_path):
+    r = run("data", "summary", "data=synthetik", cwd=tmp_path)
+    assert r.returncode != 0 and "synthetik" in r.stderr + r.stdout
+
+
+def test_summary_without_corpus_says_what_to_do(tmp_path):
+    r = run("data", "summary", f"data.out_dir={tmp_path}/none", cwd=tmp_path)
+    assert r.returncode != 0 and "tml data build" in r.stderr
+
+
+@pytest.mark.slow
+def test_wheel_maps_top_level_folders_into_the_tml_namespace(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("tml-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.startswith("tml-")}
+    assert tops == {"tml"}, tops
+    for mod in ("tml/kernels/__init__.py", "tml/eval/__init__.py", "tml/data_pipelines/__init__.py",
+                "tml/recipes/config.yaml", "tml/recipes/data/synthetic.yaml"):
+        assert mod in names, mod
