@@ -3,7 +3,6 @@
 import functools
 import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from stream_fixtures import crash_after, toy_conversation, toy_slice
 from tml.data_pipelines.loader import CorruptShardError, LoaderState, ShardLoader
 from tml.data_pipelines.shards import ShardJob, build_shards, quantize_pcm16
-from tml.stream import layout, to_micro_turns, unlayout
+from tml.stream import to_micro_turns, unlayout
 
 N, PER = 24, 4
 SOURCE = {"source": "toy"}
