@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -223,7 +224,10 @@ def build_shards(
             done[job.name] = write_shard(job, str(out))
             bar.update()
     else:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        # fork is fast (no re-import of torch/scipy per worker) but unsafe once JAX's
+        # threads exist; spawn then.
+        ctx = get_context("spawn" if "jax" in sys.modules else "fork")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             futures = {pool.submit(write_shard, job, str(out)): job for job in todo}
             for fut in _as_completed(futures):
                 done[futures[fut].name] = fut.result()

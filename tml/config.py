@@ -50,7 +50,7 @@ class LoaderConfig:
 class BenchConfig:
     out: str = "bench_results/data.json"
     conversations: int = 64
-    loader_batches: int = 40
+    loader_batches: int = 120
     model_tokens_per_second: float = 0.0  # tiny model's training consumption; 0 = not known yet
 
 
