@@ -59,3 +59,17 @@ def test_wheel_maps_top_level_folders_into_the_tml_namespace(tmp_path):
     for mod in ("tml/kernels/__init__.py", "tml/eval/__init__.py", "tml/data_pipelines/__init__.py",
                 "tml/recipes/config.yaml", "tml/recipes/data/synthetic.yaml"):
         assert mod in names, mod
+
+
+def test_data_build_end_to_end_through_the_cli(tmp_path):
+    out = tmp_path / "corpus"
+    args = ["data", "build", f"data.out_dir={out}", "data.n_conversations=6", "data.eval_conversations=2",
+            "data.conversations_per_shard=3", "data.workers=2"]
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "corpus: 8 conversations" in r.stdout and "train" in r.stdout and "eval" in r.stdout
+    assert (out / "manifest.json").exists() and len(list(out.glob("*.tar"))) == 3
+    again = run(*args, cwd=tmp_path)
+    assert "shards written: 0, already finished: 3" in again.stdout
+    other = run(*args[:-1], "data.seed=5", cwd=tmp_path)
+    assert other.returncode != 0 and "another source" in other.stderr + other.stdout
