@@ -150,6 +150,7 @@ class ShardLoader:
         row_length: int = 1024,
         max_patches: int = 64,
         batch_size: int = 4,
+        align: int = 1,
         seed: int = 0,
         shuffle: bool = True,
         workers: int = 0,
@@ -171,6 +172,7 @@ class ShardLoader:
         self.shards = sorted(shards)
         self.split, self.row_length, self.max_patches = split, row_length, max_patches
         self.batch_size, self.seed, self.shuffle, self.workers = batch_size, seed, shuffle, workers
+        self.align = align
         self.process_index, self.process_count = process_index, process_count
         self.shards_per_epoch = len(self.shards) // process_count
         if isinstance(state, dict):
@@ -205,7 +207,7 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[PackedRows]:
         st = self._state
-        packer = Packer(self.row_length, self.max_patches)
+        packer = Packer(self.row_length, self.max_patches, align=self.align)
         rows: list[Tokens] = []
         row_start = st
         first = st.epoch * self.shards_per_epoch + st.shard_pos

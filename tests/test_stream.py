@@ -120,3 +120,19 @@ def test_packing_segments_positions_and_padding():
     expected = [mt for c in convs for mt in unlayout(c)]
     assert len(recovered) == len(expected)
     assert all(a.equals(b) for a, b in zip(expected, recovered))
+
+
+def test_packing_with_alignment_starts_every_segment_on_a_multiple():
+    rng = np.random.default_rng(5)
+    convs = [layout(random_turns(rng, int(rng.integers(2, 12)))) for _ in range(8)]
+    rows = pack(convs, row_length=256, max_patches=16, align=32)
+    starts = []
+    for r in range(len(rows)):
+        seg = rows.segment_ids[r]
+        first = np.flatnonzero((seg > 0) & (np.r_[0, seg[:-1]] != seg))
+        starts.extend(first.tolist())
+        for s in np.unique(seg[seg > 0]):
+            idx = np.flatnonzero(seg == s)
+            assert np.array_equal(rows.positions[r][idx], np.arange(len(idx)))
+    assert starts and all(s % 32 == 0 for s in starts)
+    assert (rows.segment_ids > 0).sum() == sum(len(c) for c in convs)

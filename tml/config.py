@@ -41,6 +41,7 @@ class LoaderConfig:
     row_length: int = 1024
     max_patches_per_row: int = 64
     batch_size: int = 4
+    align: int = 1                     # segment starts on multiples of this (attention split size)
     seed: int = 0
     shuffle: bool = True
     workers: int = 0                   # torch DataLoader workers; 0 = in-process

@@ -6,6 +6,11 @@ piece becomes one segment of a row, with its own segment id and positions restar
 that does not fit in the current row (tokens or patches) closes the row, which is padded
 with ``<pad>`` (segment 0, no loss). The packer is deterministic: the rows depend only on
 the order of the pieces, which is what makes the loader's state restorable.
+
+``align`` makes every segment start at a multiple of ``align`` (pads in between). With
+``align`` = the attention kernel's KV split size, a segment's key splits line up with
+those of the same conversation alone in a row or in a sampler's KV cache, so packed
+scoring stays bitwise equal to the sampler (see ``tml.kernels`` attention).
 """
 
 from __future__ import annotations
@@ -77,11 +82,14 @@ class Packer:
     """Greedy packer: feed pieces with :meth:`add`, collect finished rows (``Tokens`` of
     exactly ``row_length`` positions, ``max_patches`` patch slots)."""
 
-    def __init__(self, row_length: int, max_patches: int, pad_id: int | None = None):
+    def __init__(self, row_length: int, max_patches: int, pad_id: int | None = None, align: int = 1):
+        if align < 1 or row_length % align:
+            raise ValueError(f"align={align} must be >= 1 and divide row_length={row_length}")
         self.row_length = row_length
         self.max_patches = max_patches
+        self.align = align
         self.pad_id = ByteTokenizer().control_id("<pad>") if pad_id is None else pad_id
-        self._pieces: list[Tokens] = []
+        self._pieces: list[tuple[int, Tokens]] = []  # (start offset, piece)
         self._used = 0
         self._patches = 0
 
@@ -89,8 +97,12 @@ class Packer:
     def empty(self) -> bool:
         return not self._pieces
 
+    def _start(self) -> int:
+        """Where the next piece would start (the used length rounded up to ``align``)."""
+        return -(-self._used // self.align) * self.align
+
     def fits(self, piece: Tokens) -> bool:
-        return (self._used + len(piece) <= self.row_length
+        return (self._start() + len(piece) <= self.row_length
                 and self._patches + len(piece.patches) <= self.max_patches)
 
     def add(self, piece: Tokens) -> Iterator[Tokens]:
@@ -99,8 +111,8 @@ class Packer:
             raise ValueError("piece larger than a row: split it with split_at_micro_turns")
         if not self.fits(piece):
             yield self.flush()
-        self._pieces.append(piece)
-        self._used += len(piece)
+        self._pieces.append((self._start(), piece))
+        self._used = self._start() + len(piece)
         self._patches += len(piece.patches)
 
     def flush(self) -> Tokens:
@@ -117,8 +129,8 @@ class Packer:
             patch_index=np.full(L, -1, np.int32),
             patches=np.zeros((P, *PATCH_SHAPE), np.uint8),
         )
-        at = n_patches = 0
-        for seg, piece in enumerate(self._pieces, start=1):
+        n_patches = 0
+        for seg, (at, piece) in enumerate(self._pieces, start=1):
             s = slice(at, at + len(piece))
             row.tokens[s] = piece.tokens
             row.modality[s] = piece.modality
@@ -129,15 +141,14 @@ class Packer:
             row.dmel[s] = piece.dmel
             row.patch_index[s] = np.where(piece.patch_index >= 0, piece.patch_index + n_patches, -1)
             row.patches[n_patches : n_patches + len(piece.patches)] = piece.patches
-            at += len(piece)
             n_patches += len(piece.patches)
         self._pieces, self._used, self._patches = [], 0, 0
         return row
 
 
-def pack(sequences: list[Tokens], row_length: int, max_patches: int) -> PackedRows:
+def pack(sequences: list[Tokens], row_length: int, max_patches: int, align: int = 1) -> PackedRows:
     """Pack whole laid-out conversations into rows (convenience for tests and tools)."""
-    packer = Packer(row_length, max_patches)
+    packer = Packer(row_length, max_patches, align=align)
     rows: list[Tokens] = []
     for seq in sequences:
         for piece in split_at_micro_turns(seq, row_length, max_patches):

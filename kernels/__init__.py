@@ -1,0 +1,1 @@
+"""Batch-invariant kernels: one API, two modes (batch_invariant, standard)."""
