@@ -12,6 +12,8 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from tml.model.config import ModelConfig
+
 
 @dataclass
 class DataConfig:
@@ -57,6 +59,7 @@ class BenchConfig:
 
 @dataclass
 class TmlConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
@@ -65,5 +68,6 @@ class TmlConfig:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="tml_schema", node=TmlConfig)
+    cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="loader", name="loader_schema", node=LoaderConfig)
