@@ -1,1 +1,74 @@
-"""Batch-invariant kernels: one API, two modes (batch_invariant, standard)."""
+"""Batch-invariant kernels: one API, two modes (``batch_invariant``, ``standard``).
+
+Every op takes ``mode=None`` (use the current mode: :func:`kernel_mode` override, else
+the global default, ``"batch_invariant"``). In ``batch_invariant`` mode the bits of a
+row's result never depend on how many other rows, query chunks, tokens or
+tensor-parallel ranks shared the computation; ``standard`` is plain XLA.
+
+    from tml.kernels import matmul, rms_norm, attention, kernel_mode
+    y = matmul(x, w)                        # batch_invariant
+    with kernel_mode("standard"):
+        y_std = matmul(x, w)
+
+The mode is read at trace time; see :mod:`tml.kernels.mode` for jit caching
+(:func:`mode_aware_jit`). Pallas versions of matmul, RMSNorm and attention live in
+:mod:`tml.kernels.pallas` (used automatically on GPU/TPU, interpreted on CPU in tests).
+"""
+
+from .split_kv_attention import attention
+from .collectives import (
+    all_reduce_chunks,
+    chunked_linear,
+    one_shot_all_reduce,
+    row_parallel_linear,
+    tree_sum,
+    two_shot_all_reduce,
+)
+from .tiled_matmul import linear, matmul
+from .mode import (
+    BATCH_INVARIANT,
+    MODES,
+    STANDARD,
+    get_default_mode,
+    get_mode,
+    kernel_mode,
+    mode_aware_jit,
+    resolve_mode,
+    set_default_impl,
+    set_default_mode,
+)
+from .moe import moe_ffn, route_topk
+from .reductions import log_softmax, logsumexp, rms_norm, softmax
+from .tiling import K_CHUNK, ROW_TILE, SPLIT_SIZE, pairwise_sum
+
+__all__ = [
+    "BATCH_INVARIANT",
+    "K_CHUNK",
+    "MODES",
+    "ROW_TILE",
+    "SPLIT_SIZE",
+    "STANDARD",
+    "all_reduce_chunks",
+    "attention",
+    "chunked_linear",
+    "get_default_mode",
+    "get_mode",
+    "kernel_mode",
+    "linear",
+    "log_softmax",
+    "logsumexp",
+    "matmul",
+    "mode_aware_jit",
+    "moe_ffn",
+    "one_shot_all_reduce",
+    "pairwise_sum",
+    "resolve_mode",
+    "rms_norm",
+    "route_topk",
+    "row_parallel_linear",
+    "set_default_impl",
+    "set_default_mode",
+    "softmax",
+    "tree_sum",
+    "two_shot_all_reduce",
+]

@@ -54,10 +54,34 @@ def data_bench(cfg: DictConfig) -> None:
     run_bench(_to_dataclass(cfg))
 
 
+def model_params(cfg: DictConfig) -> None:
+    """Print total and active (per token) parameter counts of every model recipe."""
+    from pathlib import Path
+
+    from hydra.core.config_store import ConfigStore  # noqa: F401  (schemas registered)
+    from tml.model.config import ModelConfig
+    from tml.model.count import count_params, format_count
+
+    import tml.recipes
+
+    rows = []
+    for path in sorted((Path(tml.recipes.__file__).parent / "model").glob("*.yaml")):
+        raw = OmegaConf.load(path)
+        raw.pop("defaults", None)
+        mc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
+        c = count_params(mc)
+        rows.append((path.stem, c))
+    print(f"{'model':<24}{'total':>12}{'active/token':>14}{'routed experts':>16}")
+    for name, c in rows:
+        print(f"{name:<24}{format_count(c['total']):>12}{format_count(c['active']):>14}"
+              f"{format_count(c['routed_expert']):>16}")
+
+
 COMMANDS: dict[tuple[str, str], Callable[[DictConfig], None]] = {
     ("data", "build"): data_build,
     ("data", "summary"): data_summary,
     ("data", "bench"): data_bench,
+    ("model", "params"): model_params,
 }
 
 

@@ -1,0 +1,232 @@
+"""Benchmark every kernel op in ``batch_invariant`` vs ``standard`` mode, side by side.
+
+    python -m tml.kernels.bench                     # tiny + small shapes, writes bench_results/kernels.json
+    python -m tml.kernels.bench --out my.json --configs tiny --repeats 5
+    python -m tml.kernels.bench --quick             # a smoke run (few shapes, 1 repeat)
+
+Shapes follow ``recipes/model/{tiny,small}.yaml`` (d_model, heads, head_dim, d_ff,
+experts) and three regimes:
+
+* ``train``   — full packed training rows (batch x row length);
+* ``prefill`` — 8 sessions appending a micro-turn chunk of 24 tokens to their KV cache;
+* ``decode``  — 1, 8 or 64 sessions decoding one token against their KV cache.
+
+Both modes of a case are compiled first, then timed alternately (bi, std, bi, std, ...)
+so that machine noise hits both; each sample runs the op enough times to last >= 2 ms;
+the reported time is the median sample. ``ratio = batch_invariant / standard``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .moe import moe_ffn, route_topk
+from .reductions import log_softmax, rms_norm
+from .split_kv_attention import attention
+from .tiled_matmul import matmul
+
+TARGETS = {"train": 1.10, "prefill": 1.25, "decode": 1.25}
+
+CONFIGS = {
+    # recipes/model/tiny.yaml / small.yaml; vocab: byte-level text + control tokens
+    "tiny": dict(d=128, hq=4, hkv=2, hd=32, ff=384, E=4, k=2, dE=128, vocab=512, batch=4, row=256, cache=512, window=0),
+    "small": dict(d=512, hq=8, hkv=4, hd=64, ff=1536, E=8, k=2, dE=512, vocab=512, batch=2, row=1024, cache=1024, window=256),
+}
+PREFILL_SESSIONS, PREFILL_CHUNK = 8, 24
+DECODE_SESSIONS = (1, 8, 64)
+
+
+@dataclass
+class Case:
+    config: str
+    op: str
+    regime: str
+    shape: str
+    make: Callable[[str], Callable[[], Any]]  # mode -> zero-arg function returning an array
+
+
+def _rand(rng, shape, scale=1.0, dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
+
+
+def _cases(name: str, c: dict, quick: bool) -> list[Case]:
+    rng = np.random.default_rng(0)
+    d, ff, hq, hkv, hd = c["d"], c["ff"], c["hq"], c["hkv"], c["hd"]
+    window = c["window"] or None
+    regimes = [("train", c["batch"] * c["row"]), ("prefill", PREFILL_SESSIONS * PREFILL_CHUNK)]
+    regimes += [(f"decode", s) for s in ((1, 64) if quick else DECODE_SESSIONS)]
+    w_up = _rand(rng, (d, ff), d**-0.5)
+    w_down = _rand(rng, (ff, d), ff**-0.5)
+    w_norm = _rand(rng, (d,), 0.1) + 1
+    wg = _rand(rng, (c["E"], d, c["dE"]), d**-0.5)
+    wu = _rand(rng, (c["E"], d, c["dE"]), d**-0.5)
+    wd = _rand(rng, (c["E"], c["dE"], d), c["dE"] ** -0.5)
+    router = _rand(rng, (d, c["E"]), d**-0.5)
+    cases: list[Case] = []
+
+    def add(op, regime, shape, fn, *args, **static):
+        jitted = {m: jax.jit(lambda *a, _m=m: fn(*a, mode=_m, **static)) for m in ("batch_invariant", "standard")}
+        cases.append(Case(name, op, regime, shape, lambda m: (lambda: jitted[m](*args))))
+
+    for regime, rows in regimes:
+        x = _rand(rng, (rows, d))
+        h = _rand(rng, (rows, ff))
+        add("linear_up", regime, f"[{rows},{d}]@[{d},{ff}]", matmul, x, w_up)
+        add("linear_down", regime, f"[{rows},{ff}]@[{ff},{d}]", matmul, h, w_down)
+        add("rms_norm", regime, f"[{rows},{d}]", rms_norm, x, w_norm)
+        if not quick:
+            add("log_softmax", regime, f"[{rows},{c['vocab']}]", log_softmax, _rand(rng, (rows, c["vocab"]), 3.0))
+        weights, experts = route_topk(x @ router, c["k"], mode="standard")
+        add("moe_ffn", regime, f"T={rows} E={c['E']} k={c['k']} dE={c['dE']}", moe_ffn, x, experts, weights, wg, wu, wd)
+    # attention
+    B, L = c["batch"], c["row"]
+    q = _rand(rng, (B, L, hq, hd))
+    k = _rand(rng, (B, L, hkv, hd))
+    add("attention", "train", f"B={B} L={L} H={hq}/{hkv} hd={hd}", attention, q, k, k, sliding_window=window)
+    C = c["cache"]
+    for regime, sessions, tq in [("prefill", PREFILL_SESSIONS, PREFILL_CHUNK)] + [
+        ("decode", s, 1) for s in ((1, 64) if quick else DECODE_SESSIONS)
+    ]:
+        qc = _rand(rng, (sessions, tq, hq, hd))
+        kc = _rand(rng, (sessions, C, hkv, hd))
+        lens = jnp.asarray(rng.integers(C // 4, C - tq, sessions) + tq, jnp.int32)
+        pos = lens[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None]
+        add(
+            "attention", regime, f"S={sessions} Tq={tq} cache={C}", attention, qc, kc, kc,
+            q_positions=pos, kv_lengths=lens, sliding_window=window,
+        )
+    return cases
+
+
+def _time_once(fn: Callable[[], Any], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / inner
+
+
+def _measure(case: Case, repeats: int) -> dict:
+    fns = {m: case.make(m) for m in ("batch_invariant", "standard")}
+    t_compile = {}
+    for m, fn in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        t_compile[m] = time.perf_counter() - t0
+        jax.block_until_ready(fn())
+    one = max(_time_once(fns["standard"], 1), 1e-6)
+    inner = max(1, min(200, int(0.002 / one)))
+    samples: dict[str, list[float]] = {m: [] for m in fns}
+    for _ in range(repeats):
+        for m in ("batch_invariant", "standard"):
+            samples[m].append(_time_once(fns[m], inner))
+    bi, std = statistics.median(samples["batch_invariant"]), statistics.median(samples["standard"])
+    return {
+        "config": case.config,
+        "op": case.op,
+        "regime": case.regime,
+        "shape": case.shape,
+        "standard_us": std * 1e6,
+        "batch_invariant_us": bi * 1e6,
+        "ratio": bi / std,
+        "samples": repeats,
+        "inner_iterations": inner,
+        "compile_s": t_compile,
+    }
+
+
+def _table(rows: list[dict]) -> str:
+    head = f"{'config':<6} {'op':<12} {'regime':<8} {'shape':<34} {'standard us':>12} {'batch_inv us':>12} {'ratio':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        target = TARGETS["decode" if r["regime"].startswith("decode") else r["regime"]]
+        flag = "" if r["ratio"] <= target else "  > target"
+        lines.append(
+            f"{r['config']:<6} {r['op']:<12} {r['regime']:<8} {r['shape']:<34} "
+            f"{r['standard_us']:>12.1f} {r['batch_invariant_us']:>12.1f} {r['ratio']:>6.2f}{flag}"
+        )
+    return "\n".join(lines)
+
+
+def _summary(rows: list[dict]) -> dict:
+    out = {}
+    for regime in ("train", "prefill", "decode"):
+        rs = [r["ratio"] for r in rows if r["regime"] == regime]
+        if rs:
+            out[regime] = {
+                "target": TARGETS[regime],
+                "median_ratio": statistics.median(rs),
+                "max_ratio": max(rs),
+                "geomean_ratio": float(np.exp(np.mean(np.log(rs)))),
+                "cases_over_target": sum(r > TARGETS[regime] for r in rs),
+                "cases": len(rs),
+            }
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m tml.kernels.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench_results/kernels.json", help="JSON output path")
+    ap.add_argument("--configs", default="tiny,small", help="comma-separated model configs")
+    ap.add_argument("--repeats", type=int, default=7, help="timing samples per mode")
+    ap.add_argument("--ops", default="", help="only these ops (comma-separated)")
+    ap.add_argument("--quick", action="store_true", help="few shapes, one sample (smoke test)")
+    args = ap.parse_args(argv)
+    repeats = 1 if args.quick else args.repeats
+    configs = [s for s in args.configs.split(",") if s]
+    ops = {s for s in args.ops.split(",") if s}
+    rows = []
+    for name in configs:
+        for case in _cases(name, CONFIGS[name], args.quick):
+            if ops and case.op not in ops:
+                continue
+            rows.append(_measure(case, repeats))
+            print(f"  measured {case.config} {case.op} {case.regime} {case.shape}", file=sys.stderr, flush=True)
+    table = _table(rows)
+    print(table)
+    summary = _summary(rows)
+    for regime, s in summary.items():
+        print(
+            f"{regime:<8} median ratio {s['median_ratio']:.2f}, max {s['max_ratio']:.2f} "
+            f"(target <= {s['target']:.2f}; {s['cases_over_target']}/{s['cases']} cases over)"
+        )
+    result = {
+        "meta": {
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "repeats": repeats,
+            "note": "ratio = batch_invariant / standard, medians of alternating samples",
+        },
+        "targets": TARGETS,
+        "summary": summary,
+        "results": rows,
+        "table": table,
+    }
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Deterministic, TP-degree-invariant reductions for use inside ``jax.shard_map``.
+
+``psum`` reduces in whatever order the backend's all-reduce picks (ring, tree, by
+message size, by device count) so a row-parallel linear gives different bits at
+TP = 1, 2, 4, 8. Here the contraction is cut into ``C`` **canonical chunks** (C = the
+largest supported TP degree, default 8); every rank computes the partial products of
+its ``C / tp`` chunks, and the C partials are summed in one **fixed pairwise tree**
+(:func:`tml.kernels.tiling.pairwise_tree`), whatever the TP degree:
+
+* **one-shot** (``"one_shot"``, NVLS-style): all-gather the partials (every rank
+  receives all C), each rank sums them locally in the tree;
+* **two-shot** (``"two_shot"``): an ``all_to_all`` reduce-scatter — rank r receives
+  all C partials of the r-th slice of the output and sums them in the same tree —
+  then an all-gather of the reduced slices. Same additions, same order, so the same
+  bits as one-shot, with 1/tp of the local reduction work.
+
+Shapes (inside ``shard_map`` over mesh axis ``axis_name`` of size tp)::
+
+    all_reduce_chunks(partials [c_local, ...], axis_name) -> [...]   (c_local = C / tp)
+    row_parallel_linear(x [..., K/tp], w [K/tp, N], axis_name)  -> [..., N] (replicated)
+    chunked_linear(x [..., K], w [K, N])   the same result on one device (no collectives)
+
+The chunk products use the batch-invariant matmul (:mod:`tml.kernels.tiled_matmul`), so the
+result is also invariant to the number of rows. ``mode="standard"`` is the plain
+``psum(x @ w)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .tiled_matmul import matmul
+from .mode import resolve_mode
+from .tiling import pad_axis, pairwise_tree, round_up
+
+MAX_TP = 8
+ALGORITHMS = ("one_shot", "two_shot")
+
+
+def tree_sum(partials: jax.Array, axis: int = 0) -> jax.Array:
+    """Sum ``partials`` over ``axis`` in the fixed pairwise tree. [C, ...] -> [...]."""
+    parts = [lax.index_in_dim(partials, i, axis, keepdims=False) for i in range(partials.shape[axis])]
+    return pairwise_tree(parts)
+
+
+def one_shot_all_reduce(partials: jax.Array, axis_name: str) -> jax.Array:
+    """[c_local, ...] per rank -> [...] on every rank: all-gather, then local tree sum."""
+    gathered = lax.all_gather(partials, axis_name, axis=0, tiled=True)  # [C, ...] in chunk order
+    return tree_sum(gathered, 0)
+
+
+def two_shot_all_reduce(partials: jax.Array, axis_name: str) -> jax.Array:
+    """[c_local, ...] per rank -> [...] on every rank: reduce-scatter (fixed tree), all-gather."""
+    tp = lax.axis_size(axis_name)
+    c_local = partials.shape[0]
+    out_shape = partials.shape[1:]
+    flat = partials.reshape(c_local, -1)
+    n = flat.shape[1]
+    flat = pad_axis(flat, 1, round_up(max(n, 1), tp))
+    pieces = flat.reshape(c_local, tp, -1)
+    # rank r receives the r-th slice of every rank's chunks, in rank (= chunk) order
+    mine = lax.all_to_all(pieces, axis_name, split_axis=1, concat_axis=0, tiled=True)  # [C, 1, n/tp]
+    reduced = tree_sum(mine, 0)  # [1, n/tp]
+    full = lax.all_gather(reduced, axis_name, axis=0, tiled=True)  # [tp, n/tp]
+    return full.reshape(-1)[:n].reshape(out_shape)
+
+
+def all_reduce_chunks(partials: jax.Array, axis_name: str, algorithm: str = "one_shot") -> jax.Array:
+    """Deterministic all-reduce of canonical chunk partials; see the module docstring."""
+    if algorithm == "one_shot":
+        return one_shot_all_reduce(partials, axis_name)
+    if algorithm == "two_shot":
+        return two_shot_all_reduce(partials, axis_name)
+    raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+
+
+def _chunk_partials(x: jax.Array, w: jax.Array, n_chunks: int) -> jax.Array:
+    """x [..., Kl] @ w [Kl, N] cut into n_chunks equal K chunks -> [n_chunks, ..., N] f32."""
+    Kl = x.shape[-1]
+    if Kl % n_chunks:
+        raise ValueError(f"local contraction {Kl} is not divisible into {n_chunks} canonical chunks")
+    c = Kl // n_chunks
+    parts = [
+        matmul(x[..., i * c : (i + 1) * c], w[i * c : (i + 1) * c], mode="batch_invariant", out_dtype=jnp.float32)
+        for i in range(n_chunks)
+    ]
+    return jnp.stack(parts, axis=0)
+
+
+def row_parallel_linear(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    axis_name: str,
+    num_chunks: int = MAX_TP,
+    algorithm: str = "one_shot",
+    mode: str | None = None,
+) -> jax.Array:
+    """Row-parallel linear inside ``shard_map``: x [..., K/tp] (K-sharded), w [K/tp, N].
+
+    Returns the full [..., N] on every rank, bitwise identical for every tp dividing
+    ``num_chunks`` (batch_invariant) — or ``psum(x @ w)`` (standard).
+    """
+    out_dtype = jnp.result_type(x.dtype, w.dtype)
+    if resolve_mode(mode) == "standard":
+        return lax.psum(jnp.dot(x, w, preferred_element_type=jnp.float32), axis_name).astype(out_dtype)
+    tp = lax.axis_size(axis_name)
+    if num_chunks % tp:
+        raise ValueError(f"tensor-parallel degree {tp} does not divide num_chunks={num_chunks}")
+    partials = _chunk_partials(x, w, num_chunks // tp)
+    return all_reduce_chunks(partials, axis_name, algorithm).astype(out_dtype)
+
+
+def chunked_linear(x: jax.Array, w: jax.Array, *, num_chunks: int = MAX_TP, mode: str | None = None) -> jax.Array:
+    """Single-device twin of :func:`row_parallel_linear`: x [..., K] @ w [K, N], K cut into
+    ``num_chunks`` canonical chunks summed in the fixed tree (== the TP result)."""
+    out_dtype = jnp.result_type(x.dtype, w.dtype)
+    if resolve_mode(mode) == "standard":
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
+    return tree_sum(_chunk_partials(x, w, num_chunks), 0).astype(out_dtype)

@@ -1,0 +1,268 @@
+"""Mixture-of-experts expert compute (routing given router logits, dispatch, SwiGLU
+experts, combine), batch-invariant and deterministic.
+
+Shapes::
+
+    route_topk(router_logits [T, E], k)  -> weights [T, k] float32, experts [T, k] int32
+    moe_ffn(x [T, D], experts [T, k], weights [T, k],
+            w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]) -> [T, D]
+
+Expert e computes ``(act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]`` (SwiGLU with
+``act = silu`` by default). A token's output is ``sum_j weights[t, j] * expert_j(x_t)``.
+
+``batch_invariant`` algorithm:
+
+* **routing**: scores ``sigmoid(logits)`` (or the batch-invariant softmax), top-k
+  on ``scores + correction_bias`` (``lax.top_k``: ties go to the lower expert id),
+  weights = the selected scores, optionally divided by their pairwise-tree sum;
+* **dispatch** (``path="grouped"``): the T*k (token, slot) assignments are stably
+  sorted by expert; every expert's group is padded to whole row tiles of
+  ``ROW_TILE`` (64) rows; a ``lax.scan`` over tiles runs the fixed-tile matmul
+  (:mod:`tml.kernels.tiled_matmul` algorithm: f32, canonical K chunks) with that tile's
+  expert weights; tiles past the last used one are skipped;
+* the routing weight multiplies the hidden activation **before** the down
+  projection (``down(h * w)``, linear, so the same function): no ``w * y + ...``
+  multiply-add is left for the compiler to contract differently in different programs;
+* **combine**: a token's k expert outputs are added in slot order ``j = 0..k-1``.
+
+So a token's output depends only on its own row, its routing and the weights —
+never on which or how many other tokens were routed with it.
+
+``path="gemv"`` is the small-decode-batch path: per assignment, gather the expert's
+weights and run a one-row GEMV (``[A,1,D] @ [A,D,F]``, canonical K chunks, no row
+padding). On XLA:CPU a one-row GEMV and a >= 51-row GEMM both accumulate each
+output as one sequential FMA chain per K chunk (chunks <= 512, >= 64 output
+columns), so the two paths give the same bits — this is measured, not assumed:
+``tests/kernels/test_moe.py`` checks it. ``path="auto"`` takes the GEMV path when there
+are at most ``GEMV_MAX_ASSIGNMENTS`` assignments.
+
+Gradients: the dispatch gather has a ``custom_vjp`` whose backward gathers each
+token's k slot gradients and adds them in slot order (no scatter-add with
+colliding indices, which accelerators implement with atomics).
+
+``standard``: stable sort + ``lax.ragged_dot`` (grouped GEMM over the exact group
+sizes) and ``sum(weights * y)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .tiled_matmul import _chunked_dot, matmul
+from .mode import resolve_mode
+from .reductions import softmax
+from .tiling import K_CHUNK, ROW_TILE, pairwise_sum, round_up
+
+GEMV_MAX_ASSIGNMENTS = 4  # gathering each assignment's expert weights only pays off for a few
+
+
+# ---------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------
+
+
+def route_topk(
+    router_logits: jax.Array,
+    k: int,
+    *,
+    score_fn: str = "sigmoid",
+    correction_bias: jax.Array | None = None,
+    normalize: bool = True,
+    mode: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing. router_logits [T, E] -> (weights [T, k] f32, experts [T, k] int32).
+
+    ``correction_bias`` [E] only shifts the *selection* (load balancing), not the
+    weights. ``normalize`` divides the k weights by their sum.
+    """
+    mode = resolve_mode(mode)
+    logits = router_logits.astype(jnp.float32)
+    if score_fn == "sigmoid":
+        scores = jax.nn.sigmoid(logits)
+    elif score_fn == "softmax":
+        scores = softmax(logits, mode=mode)
+    else:
+        raise ValueError(f"unknown score_fn {score_fn!r}")
+    select = scores if correction_bias is None else scores + correction_bias.astype(jnp.float32)
+    _, experts = lax.top_k(select, k)
+    weights = jnp.take_along_axis(scores, experts, axis=-1)
+    if normalize:
+        if mode == "standard":
+            denom = jnp.sum(weights, axis=-1, keepdims=True)
+        else:
+            denom = pairwise_sum(weights, -1, keepdims=True)
+        weights = weights / denom
+    return weights, experts.astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------
+# dispatch plan
+# ---------------------------------------------------------------------------
+
+
+def _plan(experts: jax.Array, num_experts: int, row_tile: int):
+    """Sort assignments by expert and lay them out in whole row tiles.
+
+    experts [T, k] -> dict with
+      slot_token [P] token of each padded slot (T for empty slots),
+      slot_assign [P] assignment index a = t*k + j of each slot (A for empty),
+      assign_slot [A] slot of each assignment,
+      tile_expert [n_tiles], used_tiles [] number of tiles holding any assignment.
+    """
+    T, k = experts.shape
+    A = T * k
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # assignment ids sorted by expert
+    sizes = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
+    padded = (sizes + row_tile - 1) // row_tile * row_tile
+    start = jnp.cumsum(sizes) - sizes  # first sorted position of each expert
+    pstart = jnp.cumsum(padded) - padded  # first padded slot of each expert
+    e_sorted = flat[order]
+    rank = jnp.arange(A, dtype=jnp.int32) - start[e_sorted]
+    dest = pstart[e_sorted] + rank  # padded slot of the i-th sorted assignment
+    P = round_up(A, row_tile) + num_experts * row_tile
+    n_tiles = P // row_tile
+    assign_slot = jnp.zeros((A,), jnp.int32).at[order].set(dest.astype(jnp.int32))
+    slot_assign = jnp.full((P,), A, jnp.int32).at[dest].set(order.astype(jnp.int32))
+    slot_token = jnp.where(slot_assign < A, slot_assign // k, T)
+    tile_start = jnp.arange(n_tiles, dtype=jnp.int32) * row_tile
+    pend = jnp.cumsum(padded)
+    tile_expert = jnp.minimum(jnp.searchsorted(pend, tile_start, side="right"), num_experts - 1).astype(jnp.int32)
+    used_tiles = pend[-1] // row_tile
+    return dict(
+        slot_token=slot_token,
+        slot_assign=slot_assign,
+        assign_slot=assign_slot,
+        tile_expert=tile_expert,
+        used_tiles=used_tiles,
+        n_tiles=n_tiles,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _dispatch(x, slot_token, assign_slot, k):
+    """Rows of x for every padded slot: x [T, D] -> [P, D] (zeros for empty slots)."""
+    x_pad = jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+    return x_pad[slot_token]
+
+
+def _dispatch_fwd(x, slot_token, assign_slot, k):
+    return _dispatch(x, slot_token, assign_slot, k), (assign_slot, x.shape[0])
+
+
+def _dispatch_bwd(k, res, g):
+    assign_slot, T = res
+    per_slot = g[assign_slot.reshape(T, k)]  # [T, k, D]
+    dx = per_slot[:, 0]
+    for j in range(1, k):
+        dx = dx + per_slot[:, j]
+    return dx, None, None
+
+
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+def _expert_tile(x_tile, w_gate, w_up, w_down, wt, activation, k_chunk):
+    """One tile: x_tile [rows, D], wt [rows, 1] routing weights -> [rows, D] float32."""
+    g = matmul(x_tile, w_gate, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
+    u = matmul(x_tile, w_up, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
+    h = activation(g) * u * wt
+    return matmul(h, w_down, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
+
+
+def _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_chunk):
+    T, k = experts.shape
+    E = w_gate.shape[0]
+    D = x.shape[1]
+    plan = _plan(experts, E, row_tile)
+    xs = _dispatch(x, plan["slot_token"], plan["assign_slot"], k)  # [P, D]
+    wflat = jnp.concatenate([weights.reshape(-1).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
+    ws = wflat[plan["slot_assign"]][:, None]  # [P, 1]
+    n_tiles = plan["n_tiles"]
+    xs_t = xs.reshape(n_tiles, row_tile, D)
+    ws_t = ws.reshape(n_tiles, row_tile, 1)
+
+    def body(carry, inp):
+        i, x_tile, w_tile, e = inp
+
+        def compute(_):
+            return _expert_tile(x_tile, w_gate[e], w_up[e], w_down[e], w_tile, activation, k_chunk)
+
+        y = lax.cond(i < plan["used_tiles"], compute, lambda _: jnp.zeros((row_tile, D), jnp.float32), None)
+        return carry, y
+
+    _, ys = lax.scan(body, None, (jnp.arange(n_tiles), xs_t, ws_t, plan["tile_expert"]))
+    ys = ys.reshape(n_tiles * row_tile, D)
+    per = ys[plan["assign_slot"]].reshape(T, k, D)
+    out = per[:, 0]
+    for j in range(1, k):
+        out = out + per[:, j]
+    return out
+
+
+def _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk):
+    T, k = experts.shape
+    D = x.shape[1]
+    flat = experts.reshape(-1)
+    xa = jnp.repeat(x, k, axis=0)[:, None, :]  # [A, 1, D]
+    g = _chunked_dot(xa, w_gate[flat], k_chunk, batched=True)
+    u = _chunked_dot(xa, w_up[flat], k_chunk, batched=True)
+    h = activation(g) * u * weights.reshape(-1, 1, 1).astype(jnp.float32)
+    y = _chunked_dot(h, w_down[flat], k_chunk, batched=True)[:, 0].reshape(T, k, D)
+    out = y[:, 0]
+    for j in range(1, k):
+        out = out + y[:, j]
+    return out
+
+
+def _standard(x, experts, weights, w_gate, w_up, w_down, activation):
+    T, k = experts.shape
+    E = w_gate.shape[0]
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.zeros((E,), jnp.int32).at[flat].add(1)
+    xs = jnp.repeat(x, k, axis=0)[order].astype(jnp.float32)
+    g = lax.ragged_dot(xs, w_gate.astype(jnp.float32), sizes)
+    u = lax.ragged_dot(xs, w_up.astype(jnp.float32), sizes)
+    y = lax.ragged_dot(activation(g) * u, w_down.astype(jnp.float32), sizes)
+    y = jnp.zeros_like(y).at[order].set(y).reshape(T, k, -1)
+    return jnp.sum(weights[..., None].astype(jnp.float32) * y, axis=1)
+
+
+def moe_ffn(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    activation: Callable[[jax.Array], jax.Array] = jax.nn.silu,
+    mode: str | None = None,
+    path: str = "auto",
+    row_tile: int = ROW_TILE,
+    k_chunk: int = K_CHUNK,
+) -> jax.Array:
+    """Routed SwiGLU experts; see the module docstring. Returns [T, D] in x.dtype.
+
+    path: ``"auto"`` | ``"grouped"`` | ``"gemv"`` (batch_invariant mode only).
+    """
+    mode = resolve_mode(mode)
+    if x.ndim != 2 or experts.shape != weights.shape or experts.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_ffn shapes: x {x.shape}, experts {experts.shape}, weights {weights.shape}")
+    if mode == "standard":
+        return _standard(x, experts, weights, w_gate, w_up, w_down, activation).astype(x.dtype)
+    if path == "auto":
+        path = "gemv" if experts.size <= GEMV_MAX_ASSIGNMENTS else "grouped"
+    if path == "gemv":
+        out = _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk)
+    elif path == "grouped":
+        out = _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_chunk)
+    else:
+        raise ValueError(f"unknown path {path!r}")
+    return out.astype(x.dtype)

@@ -1,0 +1,206 @@
+"""Matmul / linear with a ``batch_invariant`` and a ``standard`` mode.
+
+Shapes::
+
+    matmul(x [..., K], w [K, N])      -> [..., N]     (leading dims are "rows")
+    matmul(x [B, M, K], w [B, K, N])  -> [B, M, N]    (batched, e.g. per expert)
+    linear(x [..., K], w [K, N], b [N] | None) -> [..., N]
+
+float32 and bfloat16 (or mixed) inputs; accumulation is always float32; the result
+has dtype ``result_type(x, w)``.
+
+``batch_invariant`` algorithm (the one the Pallas kernel implements too):
+
+1. rows are padded to a multiple of ``ROW_TILE`` (64) so every GEMM runs on whole
+   row tiles and never hits a "few rows" strategy (one exception, measured rather
+   than by construction: a single row with N >= 64 runs as a GEMV, which XLA:CPU
+   accumulates in the same order; ``GEMV_FAST_PATH``);
+2. bf16 operands are upcast to float32 (exact) — products are exact in float32;
+3. the contraction is cut into canonical chunks of ``K_CHUNK`` (512; the last one
+   shorter), each chunk product is one float32 GEMM, and the chunk products are
+   added left to right. No split-K.
+
+Hence the bits of an output row depend only on that input row, ``w``, and the
+static (ROW_TILE, K_CHUNK) — never on how many other rows share the call.
+
+The backward pass (``custom_vjp``) uses the same algorithm for ``dx = dy @ w.T``
+(so input gradients are batch-invariant too) and for ``dw = x.T @ dy`` (rows of
+``dw`` are the K dimension; the sum over the batch rows is chunked canonically, so
+it is deterministic run to run).
+
+``standard`` is ``jnp.dot(..., preferred_element_type=float32)`` with autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .mode import resolve_impl, resolve_mode
+from .tiling import K_CHUNK, ROW_TILE, chunk_bounds, pad_axis, round_up, upcast
+
+_HIGHEST = lax.Precision.HIGHEST
+
+# One-row fast path (a single decode session): skip the 64-row padding and run a GEMV.
+# XLA:CPU computes a one-row GEMV and a >= 51-row GEMM with the same per-output
+# sequential FMA chain over a K chunk of <= 512 when N >= 64 — measured on this
+# project's machines and checked by tests/kernels (every invariance test includes
+# one-row calls). Set to False to always use whole row tiles.
+GEMV_FAST_PATH = True
+GEMV_MIN_COLS = 64
+
+
+def _chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int, batched: bool) -> jax.Array:
+    """x [(B,) Mp, K] @ w [(B,) K, N] in canonical K chunks, float32 result.
+
+    Chunk products are added left to right. In the 2-D case the whole chunks run as
+    one GEMM batched over the chunk index (``w`` reshaped to [C, k_chunk, N], no copy
+    of the weights) — the same per-chunk GEMMs, fewer weight copies than slicing.
+    """
+    x, w = upcast(x), upcast(w)
+    K = x.shape[-1]
+    parts = []
+    if not batched and K >= 2 * k_chunk:
+        n_full = K // k_chunk
+        kf = n_full * k_chunk
+        xb = x[:, :kf].reshape(x.shape[0], n_full, k_chunk).transpose(1, 0, 2)  # [C, Mp, kc]
+        wb = w[:kf].reshape(n_full, k_chunk, w.shape[1])  # [C, kc, N]
+        pb = lax.dot_general(
+            xb, wb, (((2,), (1,)), ((0,), (0,))), precision=_HIGHEST, preferred_element_type=jnp.float32
+        )
+        parts = [pb[i] for i in range(n_full)]
+        rest = [(kf, K)] if kf < K else []
+    else:
+        rest = chunk_bounds(K, k_chunk)
+    dims = (((2,), (1,)), ((0,), (0,))) if batched else (((1,), (0,)), ((), ()))
+    for k0, k1 in rest:
+        parts.append(
+            lax.dot_general(
+                x[..., k0:k1], w[..., k0:k1, :], dims, precision=_HIGHEST, preferred_element_type=jnp.float32
+            )
+        )
+    acc = parts[0]
+    for part in parts[1:]:
+        acc = acc + part
+    return acc
+
+
+def _reference_2d(x: jax.Array, w: jax.Array, row_tile: int, k_chunk: int) -> jax.Array:
+    """x [M, K] @ w [K, N] -> float32 [M, N], rows padded to whole tiles
+    (or the one-row GEMV fast path, see ``GEMV_FAST_PATH``)."""
+    M = x.shape[0]
+    if GEMV_FAST_PATH and M == 1 and w.shape[1] >= GEMV_MIN_COLS and k_chunk <= 512:
+        return _chunked_dot(x, w, k_chunk, batched=False)
+    xp = pad_axis(x, 0, round_up(max(M, 1), row_tile))
+    return _chunked_dot(xp, w, k_chunk, batched=False)[:M]
+
+
+def _reference_batched(x: jax.Array, w: jax.Array, row_tile: int, k_chunk: int) -> jax.Array:
+    """x [B, M, K] @ w [B, K, N] -> float32 [B, M, N]."""
+    M = x.shape[1]
+    xp = pad_axis(x, 1, round_up(max(M, 1), row_tile))
+    return _chunked_dot(xp, w, k_chunk, batched=True)[:, :M]
+
+
+def _forward_2d(x, w, row_tile, k_chunk, impl):
+    if impl == "pallas":
+        from .pallas.matmul_kernel import matmul as pallas_matmul
+
+        return pallas_matmul(x, w, block_m=row_tile, k_chunk=k_chunk, out_dtype=jnp.float32)
+    return _reference_2d(x, w, row_tile, k_chunk)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _bi_matmul_2d(x, w, row_tile, k_chunk, impl):
+    return _forward_2d(x, w, row_tile, k_chunk, impl)
+
+
+def _bi_matmul_2d_fwd(x, w, row_tile, k_chunk, impl):
+    return _forward_2d(x, w, row_tile, k_chunk, impl), (x, w)
+
+
+def _bi_matmul_2d_bwd(row_tile, k_chunk, impl, res, dy):
+    x, w = res
+    dx = _forward_2d(dy, w.T, row_tile, k_chunk, impl).astype(x.dtype)
+    dw = _forward_2d(x.T, dy, row_tile, k_chunk, impl).astype(w.dtype)
+    return dx, dw
+
+
+_bi_matmul_2d.defvjp(_bi_matmul_2d_fwd, _bi_matmul_2d_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bi_matmul_batched(x, w, row_tile, k_chunk):
+    return _reference_batched(x, w, row_tile, k_chunk)
+
+
+def _bi_matmul_batched_fwd(x, w, row_tile, k_chunk):
+    return _reference_batched(x, w, row_tile, k_chunk), (x, w)
+
+
+def _bi_matmul_batched_bwd(row_tile, k_chunk, res, dy):
+    x, w = res
+    dx = _reference_batched(dy, jnp.swapaxes(w, 1, 2), row_tile, k_chunk).astype(x.dtype)
+    dw = _reference_batched(jnp.swapaxes(x, 1, 2), dy, row_tile, k_chunk).astype(w.dtype)
+    return dx, dw
+
+
+_bi_matmul_batched.defvjp(_bi_matmul_batched_fwd, _bi_matmul_batched_bwd)
+
+
+def _matmul_f32(x, w, mode, impl, row_tile, k_chunk):
+    """float32 result of x @ w (shapes as :func:`matmul`)."""
+    if w.ndim == 3:
+        if x.ndim != 3 or x.shape[0] != w.shape[0] or x.shape[2] != w.shape[1]:
+            raise ValueError(f"batched matmul wants x [B,M,K], w [B,K,N]; got {x.shape}, {w.shape}")
+        if mode == "standard":
+            return jnp.einsum("bmk,bkn->bmn", x, w, preferred_element_type=jnp.float32)
+        return _bi_matmul_batched(x, w, row_tile, k_chunk)
+    if w.ndim != 2 or x.shape[-1] != w.shape[0]:
+        raise ValueError(f"matmul wants x [..., K], w [K, N]; got {x.shape}, {w.shape}")
+    if mode == "standard":
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    lead = x.shape[:-1]
+    x2 = x.reshape((-1, x.shape[-1]))
+    y = _bi_matmul_2d(x2, w, row_tile, k_chunk, resolve_impl(impl))
+    return y.reshape(lead + (w.shape[1],))
+
+
+def matmul(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    mode: str | None = None,
+    impl: str | None = None,
+    row_tile: int = ROW_TILE,
+    k_chunk: int = K_CHUNK,
+    out_dtype=None,
+) -> jax.Array:
+    """``x @ w`` with float32 accumulation; see the module docstring for shapes.
+
+    mode: ``"batch_invariant"`` / ``"standard"`` / None (current mode).
+    impl: batch_invariant implementation, ``"auto"`` / ``"reference"`` / ``"pallas"``.
+    out_dtype: result dtype (default ``result_type(x, w)``).
+    """
+    out_dtype = jnp.result_type(x.dtype, w.dtype) if out_dtype is None else out_dtype
+    return _matmul_f32(x, w, resolve_mode(mode), impl, row_tile, k_chunk).astype(out_dtype)
+
+
+def linear(
+    x: jax.Array,
+    w: jax.Array,
+    b: jax.Array | None = None,
+    *,
+    mode: str | None = None,
+    impl: str | None = None,
+) -> jax.Array:
+    """``x [..., K] @ w [K, N] (+ b [N])`` -> [..., N]; the bias is added in float32
+    before the single rounding to ``result_type(x, w)``."""
+    out_dtype = jnp.result_type(x.dtype, w.dtype)
+    y = _matmul_f32(x, w, resolve_mode(mode), impl, ROW_TILE, K_CHUNK)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(out_dtype)

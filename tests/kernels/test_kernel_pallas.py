@@ -1,0 +1,158 @@
+"""Pallas kernels: in interpret mode on CPU they equal the jnp reference bit for bit
+(both the TPU and the Triton flavour of each kernel); jax.export lowers them for
+"cuda" (Triton) and "tpu" (Mosaic)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tml.kernels.split_kv_attention as ska
+from tml.kernels import attention, matmul, rms_norm
+from tml.kernels import pallas as P
+from tml.kernels.reductions import rms_norm_reference
+from tml.kernels.testing import assert_bits_equal
+
+FLAVOURS = ("tpu", "triton")
+K_CHUNK = {"tpu": 512, "triton": 64}  # the chunk each flavour is built with
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("M,K,N,dtype", [(100, 256, 384, "float32"), (5, 1024, 64, "float32"), (70, 512, 256, "bfloat16")])
+def test_matmul_interpret_equals_reference(flavour, M, K, N, dtype):
+    rng = np.random.default_rng(M)
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((K, N)) / np.sqrt(K), dtype)
+    kc = K_CHUNK[flavour]
+    ref = jax.jit(lambda x, w: matmul(x, w, impl="reference", k_chunk=kc, out_dtype=jnp.float32))(x, w)
+    ker = jax.jit(lambda x, w: P.matmul(x, w, flavour=flavour, interpret=True, k_chunk=kc, out_dtype=jnp.float32))
+    out = ker(x, w)
+    assert_bits_equal(out, ref, f"{flavour} matmul")
+    assert_bits_equal(ker(x[:1], w), ref[:1], f"{flavour} matmul, one row")
+
+
+def test_public_matmul_with_pallas_impl():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 7, 256)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((256, 128)), jnp.float32)
+    f = jax.jit(lambda x, w, impl: matmul(x, w, impl=impl), static_argnums=2)
+    assert_bits_equal(f(x, w, "pallas"), f(x, w, "reference"))
+    g = jax.jit(jax.grad(lambda x, w, impl: jnp.sum(jnp.sin(matmul(x, w, impl=impl))), argnums=(0, 1)), static_argnums=2)
+    for a, b in zip(g(x, w, "pallas"), g(x, w, "reference")):
+        assert_bits_equal(a, b, "grad through the pallas matmul")
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_rms_norm_interpret_equals_reference(flavour):
+    rng = np.random.default_rng(1)
+    for D, dtype, weighted in ((64, "float32", True), (100, "float32", False), (256, "bfloat16", True)):
+        x = jnp.asarray(rng.standard_normal((37, D)) * 3, dtype)
+        w = jnp.asarray(1 + 0.1 * rng.standard_normal(D), dtype) if weighted else None
+        ref = jax.jit(lambda x, w: rms_norm_reference(x, w, 1e-6))(x, w)
+        out = jax.jit(lambda x, w: P.rms_norm(x, w, flavour=flavour, interpret=True))(x, w)
+        assert_bits_equal(out, ref, f"{flavour} rms_norm D={D} {dtype}")
+    assert_bits_equal(
+        jax.jit(lambda x: rms_norm(x, impl="pallas"))(x), jax.jit(lambda x: rms_norm(x, impl="reference"))(x)
+    )
+
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_attention_interpret_equals_reference(flavour):
+    rng = np.random.default_rng(2)
+    B, Hq, Hkv, D = 2, 4, 2, 64
+    cases = []
+    # training row: causal, GQA, packed segments, sliding window; Tk not a multiple of the split
+    L = 150
+    q = jnp.asarray(rng.standard_normal((B, L, Hq, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((B, L, Hkv, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((B, L, Hkv, D)), jnp.float32)
+    seg = jnp.asarray(np.repeat((np.arange(L) >= 90).astype(np.int32)[None], B, 0))
+    cases.append(("train", (q, k, v), dict(q_segment_ids=seg, kv_segment_ids=seg), dict(window=40)))
+    # decode step against a cache with spare capacity
+    cap = 192
+    kc = jnp.asarray(rng.standard_normal((B, cap, Hkv, D)), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal((B, cap, Hkv, D)), jnp.float32)
+    qd = q[:, 100:101]
+    lens = jnp.array([101, 77], jnp.int32)
+    cases.append(("decode", (qd, kc, vc), dict(q_positions=lens[:, None] - 1, kv_lengths=lens), dict(window=None)))
+    for name, (q_, k_, v_), kw, mk in cases:
+        def run(fn, q_, k_, v_):
+            L_ = ska.prepare(
+                q_, k_, v_, kw.get("q_positions"), kw.get("q_segment_ids"), kw.get("kv_segment_ids"),
+                kw.get("kv_lengths"), 0.125, 64,
+            )
+            return fn(L_)
+
+        ref = jax.jit(functools.partial(run, lambda L_: ska.reference_forward(L_, True, mk["window"], 64)))(q_, k_, v_)
+        ker = jax.jit(
+            functools.partial(
+                run,
+                lambda L_: P.attention_forward(
+                    L_, causal=True, window=mk["window"], split_size=64, flavour=flavour, interpret=True
+                ),
+            )
+        )(q_, k_, v_)
+        for a, b, what in zip(ker, ref, ("out", "shift", "sum")):
+            assert_bits_equal(a, b, f"{flavour} attention {name}: {what}")
+
+
+def test_public_attention_with_pallas_impl_and_grad():
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((1, 70, 4, 64)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 70, 2, 64)), jnp.float32)
+    f = jax.jit(lambda q, k, impl: attention(q, k, k, impl=impl, sliding_window=33), static_argnums=2)
+    assert_bits_equal(f(q, k, "pallas"), f(q, k, "reference"))
+    g = jax.jit(jax.grad(lambda q, k, impl: jnp.sum(jnp.sin(attention(q, k, k, impl=impl))), argnums=(0, 1)), static_argnums=2)
+    for a, b in zip(g(q, k, "pallas"), g(q, k, "reference")):
+        assert_bits_equal(a, b, "grad with the pallas forward")
+
+
+# ---------------------------------------------------------------------------
+# lowering for GPU (Triton) and TPU (Mosaic) with jax.export
+# ---------------------------------------------------------------------------
+
+TARGETS = [("cuda", "triton", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")]
+
+
+def _attention_fn(flavour):
+    def f(q, k, v, lens):
+        L_ = ska.prepare(q, k, v, lens[:, None] - 1, None, None, lens, 0.125, 64)
+        return P.attention_forward(L_, causal=True, window=128, split_size=64, flavour=flavour, interpret=False)
+
+    return f
+
+
+KERNELS = {
+    "matmul_f32": (
+        lambda fl: functools.partial(P.matmul, flavour=fl, interpret=False, k_chunk=K_CHUNK[fl]),
+        (jnp.ones((100, 256)), jnp.ones((256, 384))),
+    ),
+    "matmul_bf16": (
+        lambda fl: functools.partial(P.matmul, flavour=fl, interpret=False, k_chunk=K_CHUNK[fl]),
+        (jnp.ones((64, 512), jnp.bfloat16), jnp.ones((512, 128), jnp.bfloat16)),
+    ),
+    "rms_norm": (
+        lambda fl: functools.partial(P.rms_norm, flavour=fl, interpret=False),
+        (jnp.ones((40, 256)), jnp.ones((256,))),
+    ),
+    "attention_decode": (
+        _attention_fn,
+        (jnp.ones((2, 1, 4, 64)), jnp.ones((2, 256, 2, 64)), jnp.ones((2, 256, 2, 64)), jnp.array([100, 7], jnp.int32)),
+    ),
+    "attention_prefill": (
+        _attention_fn,
+        (jnp.ones((1, 96, 4, 64)), jnp.ones((1, 192, 2, 64)), jnp.ones((1, 192, 2, 64)), jnp.array([150], jnp.int32)),
+    ),
+}
+
+
+@pytest.mark.parametrize("platform,flavour,custom_call", TARGETS)
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_kernels_lower_for_gpu_and_tpu(kernel, platform, flavour, custom_call):
+    make, args = KERNELS[kernel]
+    exported = P.export_for(make(flavour), platform, *args)
+    assert exported.platforms == (platform,)
+    assert custom_call in exported.mlir_module()

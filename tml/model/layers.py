@@ -1,0 +1,91 @@
+"""Building blocks. Every matmul, norm, softmax and attention goes through
+:mod:`tml.kernels`, so ``kernel_mode("standard")`` / ``"batch_invariant"`` flips the whole
+model. Parameters carry ``logical_axes`` metadata (mapped to mesh axes from outside,
+``tml.parallel``); the model never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tml import kernels
+from tml.model.config import ModelConfig
+
+
+def normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+    """``x [..., d_in] @ w [d_in, d_out]`` through the kernel API (no bias)."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
+                 init_std: float = 0.02, param_dtype=jnp.float32):
+        self.w = nnx.Param(normal(rngs, (d_in, d_out), init_std, param_dtype), logical_axes=axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return kernels.linear(x, self.w[...].astype(x.dtype))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return kernels.rms_norm(x, self.scale[...], eps=self.eps)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding (half-split pairs). x [B, T, H, D], positions [B, T] → x."""
+    half = x.shape[-1] // 2
+    inv = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / x.shape[-1]))
+    ang = positions.astype(jnp.float32)[..., None, None] * inv          # [B, T, 1, half]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with per-head q/k RMSNorm and rotary positions."""
+
+    def __init__(self, cfg: ModelConfig, sliding: bool, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv, self.head_dim, self.theta = h, kv, hd, cfg.rope_theta
+        self.window = cfg.sliding_window if sliding else None
+        kw = dict(rngs=rngs, init_std=cfg.init_std, param_dtype=param_dtype)
+        self.wq = Linear(d, h * hd, ("embed", "q_heads"), **kw)
+        self.wk = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
+        self.wv = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
+        self.wo = Linear(h * hd, d, ("q_heads", "embed"), **kw)
+        self.q_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
+
+    def project_kv(self, x, positions):
+        """x [B, T, d] → k, v [B, T, Hkv, hd] (k normed and rotated)."""
+        B, T, _ = x.shape
+        k = self.k_norm(self.wk(x).reshape(B, T, self.n_kv, self.head_dim))
+        v = self.wv(x).reshape(B, T, self.n_kv, self.head_dim)
+        return rotary(k, positions, self.theta), v
+
+    def __call__(self, x, positions, k, v, attn: dict) -> jax.Array:
+        """x [B, T, d] queries; k, v [B, Tk, Hkv, hd] the keys they see (the row itself or
+        a cache); ``attn`` holds the kernel's slot/segment/length arguments."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.wq(x).reshape(B, T, self.n_heads, self.head_dim))
+        q = rotary(q, positions, self.theta)
+        o = kernels.attention(q, k, v, sliding_window=self.window, **attn)
+        return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d: int, d_ff: int, *, rngs: nnx.Rngs, init_std: float, param_dtype=jnp.float32):
+        kw = dict(rngs=rngs, init_std=init_std, param_dtype=param_dtype)
+        self.gate = Linear(d, d_ff, ("embed", "mlp"), **kw)
+        self.up = Linear(d, d_ff, ("embed", "mlp"), **kw)
+        self.down = Linear(d_ff, d, ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
