@@ -11,8 +11,8 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: run test setup bench clean-venv
 
-run: $(STAMP)          ## main job: build the embedded corpus and print its summary
-	$(VENV)/bin/tml data build
+run: $(STAMP)          ## main job: pretrain `tiny` on the embedded corpus (built first when missing)
+	$(VENV)/bin/tml train
 
 test: $(STAMP)         ## the test suite
 	$(VENV)/bin/pytest -q

@@ -225,8 +225,8 @@ def build_shards(
             bar.update()
     else:
         # fork is fast (no re-import of torch/scipy per worker) but unsafe once JAX's
-        # threads exist; spawn then.
-        ctx = get_context("spawn" if "jax" in sys.modules else "fork")
+        # runtime has started threads; spawn then.
+        ctx = get_context("spawn" if _jax_started() else "fork")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
             futures = {pool.submit(write_shard, job, str(out)): job for job in todo}
             for fut in _as_completed(futures):
@@ -239,6 +239,12 @@ def build_shards(
     atomic_write_bytes(out / REJECTS, "".join(json.dumps(r) + "\n" for r in rejects).encode())
     atomic_write_json(out / MANIFEST, manifest)
     return BuildResult(manifest, written=len(todo), skipped=skipped, seconds=time.perf_counter() - t0)
+
+
+def _jax_started() -> bool:
+    """True once a JAX backend (and its thread pools) exists in this process."""
+    xb = sys.modules.get("jax._src.xla_bridge")
+    return bool(xb is not None and getattr(xb, "_backends", None))
 
 
 def _as_completed(futures):

@@ -1,4 +1,5 @@
-"""The ``tml`` command: ``tml <group> <command> [hydra overrides ...]``.
+"""The ``tml`` command: ``tml <command> [hydra overrides ...]`` (``tml train``,
+``tml data build`` ...).
 
 Each command composes the Hydra recipe tree in ``recipes/`` (validated against the
 structured configs of :mod:`tml.config`) and runs one capability. Overrides use Hydra
@@ -7,6 +8,7 @@ syntax: ``tml data build data.n_conversations=64 data.out_dir=/tmp/corpus``.
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Callable
 
@@ -77,18 +79,27 @@ def model_params(cfg: DictConfig) -> None:
               f"{format_count(c['routed_expert']):>16}")
 
 
-COMMANDS: dict[tuple[str, str], Callable[[DictConfig], None]] = {
-    ("data", "build"): data_build,
-    ("data", "summary"): data_summary,
-    ("data", "bench"): data_bench,
-    ("model", "params"): model_params,
+def train(cfg: DictConfig) -> None:
+    """Pretrain the co-trained model (builds the corpus first when missing)."""
+    from tml.train.trainer import train as run
+
+    summary = run(_to_dataclass(cfg))
+    print(json.dumps(summary, indent=1))
+
+
+COMMANDS: dict[str, Callable[[DictConfig], None]] = {
+    "train": train,
+    "data build": data_build,
+    "data summary": data_summary,
+    "data bench": data_bench,
+    "model params": model_params,
 }
 
 
 def usage() -> str:
-    lines = ["usage: tml <group> <command> [key=value ...]", "", "commands:"]
-    for (group, cmd), fn in COMMANDS.items():
-        lines.append(f"  tml {group} {cmd:<10} {fn.__doc__.splitlines()[0]}")
+    lines = ["usage: tml <command> [key=value ...]", "", "commands:"]
+    for name, fn in COMMANDS.items():
+        lines.append(f"  tml {name:<14} {fn.__doc__.splitlines()[0]}")
     lines += ["", "Overrides are Hydra syntax; `tml <group> <command> --cfg job` prints the config."]
     return "\n".join(lines)
 
@@ -97,15 +108,16 @@ def main(argv: list[str] | None = None) -> None:
     import hydra
 
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) < 2 or argv[0] in ("-h", "--help"):
+    if not argv or argv[0] in ("-h", "--help"):
         print(usage())
-        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    key = (argv[0], argv[1])
+        sys.exit(0 if argv else 2)
+    key = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else argv[0]
     if key not in COMMANDS:
-        print(f"tml: unknown command {' '.join(key)!r}\n\n{usage()}", file=sys.stderr)
+        print(f"tml: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
+    n_words = len(key.split())
     register_configs()
-    sys.argv = [f"tml-{argv[0]}-{argv[1]}", *argv[2:]]
+    sys.argv = ["tml-" + key.replace(" ", "-"), *argv[n_words:]]
     hydra.main(config_path="pkg://tml.recipes", config_name="config", version_base="1.3")(
         COMMANDS[key]
     )()

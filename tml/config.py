@@ -13,6 +13,11 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from tml.model.config import ModelConfig
+from tml.train.checkpoint import CheckpointConfig
+from tml.train.distributed import DistributedConfig
+from tml.train.metrics_log import LoggingConfig
+from tml.train.optim import OptimConfig
+from tml.train.trainer import TrainerConfig
 
 
 @dataclass
@@ -63,6 +68,11 @@ class TmlConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def register_configs() -> None:
@@ -71,3 +81,5 @@ def register_configs() -> None:
     cs.store(group="model", name="model_schema", node=ModelConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="loader", name="loader_schema", node=LoaderConfig)
+    cs.store(group="train", name="train_schema", node=TrainerConfig)
+    cs.store(group="optim", name="optim_schema", node=OptimConfig)

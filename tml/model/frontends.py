@@ -4,8 +4,10 @@ Both follow the Inkling reference (``transformers.models.inkling``) so that weig
 be copied across (``tests/model/test_frontend_parity.py``):
 
 * :class:`DMelEmbedding` — one table of ``n_bins`` rows per mel channel (channel *c*
-  uses rows ``c * n_bins ...``), the 80 channel embeddings **summed** (a fixed pairwise
-  tree, so the sum is batch-invariant), then RMSNorm.
+  uses rows ``c * n_bins ...``), the 80 channel embeddings **summed**, then RMSNorm. The
+  lookup-and-sum is computed as ``one_hot(bins) @ table`` through the kernel matmul: the
+  same sum, in a fixed (batch-invariant) order, and its gradient is a matmul too (no
+  scatter-add), ~25x faster on CPU than gathering 80 rows per frame.
 * :class:`HMLPEncoder` — 40×40×2 patches folded time/space-into-depth layer by layer
   (Linear without bias → RMSNorm → GELU; the last layer projects to ``d_model``), then a
   final RMSNorm. Per-layer grids come from :func:`plan_out_scales`, Inkling's plan.
@@ -22,7 +24,7 @@ from einops import rearrange
 from flax import nnx
 from scipy.optimize import linear_sum_assignment
 
-from tml.kernels.tiling import pairwise_sum
+from tml import kernels
 from tml.model.layers import Linear, RMSNorm
 
 
@@ -82,10 +84,10 @@ class DMelEmbedding(nnx.Module):
         self.norm = RMSNorm(d_model, eps=eps, param_dtype=param_dtype)
 
     def __call__(self, bins: jax.Array) -> jax.Array:
-        ids = bins.astype(jnp.int32) + jnp.arange(self.n_mels, dtype=jnp.int32) * self.n_bins
-        per_channel = jnp.take(self.table[...], ids, axis=0)          # [..., n_mels, d]
-        summed = pairwise_sum(jnp.moveaxis(per_channel, -2, -1), axis=-1)  # fixed order over channels
-        return self.norm(summed)
+        table = self.table[...]
+        onehot = jax.nn.one_hot(bins.astype(jnp.int32), self.n_bins, dtype=table.dtype)
+        onehot = onehot.reshape(*bins.shape[:-1], self.n_mels * self.n_bins)   # row c*n_bins+b
+        return self.norm(kernels.linear(onehot, table))
 
 
 class HMLPLayer(nnx.Module):
