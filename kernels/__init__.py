@@ -15,7 +15,6 @@ The mode is read at trace time; see :mod:`tml.kernels.mode` for jit caching
 :mod:`tml.kernels.pallas` (used automatically on GPU/TPU, interpreted on CPU in tests).
 """
 
-from .split_kv_attention import attention
 from .collectives import (
     all_reduce_chunks,
     chunked_linear,
@@ -24,7 +23,6 @@ from .collectives import (
     tree_sum,
     two_shot_all_reduce,
 )
-from .tiled_matmul import linear, matmul
 from .mode import (
     BATCH_INVARIANT,
     MODES,
@@ -39,6 +37,8 @@ from .mode import (
 )
 from .moe import moe_ffn, route_topk
 from .reductions import log_softmax, logsumexp, rms_norm, softmax
+from .split_kv_attention import attention
+from .tiled_matmul import linear, matmul
 from .tiling import K_CHUNK, ROW_TILE, SPLIT_SIZE, pairwise_sum
 
 __all__ = [

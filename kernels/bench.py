@@ -26,8 +26,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -42,8 +43,10 @@ TARGETS = {"train": 1.10, "prefill": 1.25, "decode": 1.25}
 
 CONFIGS = {
     # recipes/model/tiny.yaml / small.yaml; vocab: byte-level text + control tokens
-    "tiny": dict(d=128, hq=4, hkv=2, hd=32, ff=384, E=4, k=2, dE=128, vocab=512, batch=4, row=256, cache=512, window=0),
-    "small": dict(d=512, hq=8, hkv=4, hd=64, ff=1536, E=8, k=2, dE=512, vocab=512, batch=2, row=1024, cache=1024, window=256),
+    "tiny": {"d": 128, "hq": 4, "hkv": 2, "hd": 32, "ff": 384, "E": 4, "k": 2, "dE": 128, "vocab": 512,
+             "batch": 4, "row": 256, "cache": 512, "window": 0},
+    "small": {"d": 512, "hq": 8, "hkv": 4, "hd": 64, "ff": 1536, "E": 8, "k": 2, "dE": 512, "vocab": 512,
+              "batch": 2, "row": 1024, "cache": 1024, "window": 256},
 }
 PREFILL_SESSIONS, PREFILL_CHUNK = 8, 24
 DECODE_SESSIONS = (1, 8, 64)
@@ -67,7 +70,7 @@ def _cases(name: str, c: dict, quick: bool) -> list[Case]:
     d, ff, hq, hkv, hd = c["d"], c["ff"], c["hq"], c["hkv"], c["hd"]
     window = c["window"] or None
     regimes = [("train", c["batch"] * c["row"]), ("prefill", PREFILL_SESSIONS * PREFILL_CHUNK)]
-    regimes += [(f"decode", s) for s in ((1, 64) if quick else DECODE_SESSIONS)]
+    regimes += [("decode", s) for s in ((1, 64) if quick else DECODE_SESSIONS)]
     w_up = _rand(rng, (d, ff), d**-0.5)
     w_down = _rand(rng, (ff, d), ff**-0.5)
     w_norm = _rand(rng, (d,), 0.1) + 1
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {
         "meta": {
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "jax": jax.__version__,
             "backend": jax.default_backend(),
             "devices": [str(d) for d in jax.devices()],

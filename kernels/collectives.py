@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .tiled_matmul import matmul
 from .mode import resolve_mode
+from .tiled_matmul import matmul
 from .tiling import pad_axis, pairwise_tree, round_up
 
 MAX_TP = 8

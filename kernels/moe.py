@@ -31,31 +31,35 @@ never on which or how many other tokens were routed with it.
 ``path="gemv"`` is the small-decode-batch path: per assignment, gather the expert's
 weights and run a one-row GEMV (``[A,1,D] @ [A,D,F]``, canonical K chunks, no row
 padding). On XLA:CPU a one-row GEMV and a >= 51-row GEMM both accumulate each
-output as one sequential FMA chain per K chunk (chunks <= 512, >= 64 output
-columns), so the two paths give the same bits — this is measured, not assumed:
-``tests/kernels/test_moe.py`` checks it. ``path="auto"`` takes the GEMV path when there
-are at most ``GEMV_MAX_ASSIGNMENTS`` assignments.
+output as one sequential FMA chain per K chunk (chunks <= 512, output columns a
+multiple of 64), so the two paths give the same bits — this is measured, not assumed:
+``tests/kernels/test_kernel_moe.py`` checks it. ``path="auto"`` takes the GEMV path
+when there are at most ``GEMV_MAX_ASSIGNMENTS`` assignments and the widths allow it;
+an explicit ``path="gemv"`` with other widths is refused rather than silently giving
+other bits. The GEMV path's weight gradients go through a gather (scatter-add in the
+backward); it is meant for decoding.
 
 Gradients: the dispatch gather has a ``custom_vjp`` whose backward gathers each
 token's k slot gradients and adds them in slot order (no scatter-add with
 colliding indices, which accelerators implement with atomics).
 
 ``standard``: stable sort + ``lax.ragged_dot`` (grouped GEMM over the exact group
-sizes) and ``sum(weights * y)``.
+sizes) and ``sum(weights * y)``. Note XLA:CPU lowers ``ragged_dot`` to a dense masked
+GEMM over all experts, so on CPU ``standard`` MoE is slower than ``batch_invariant``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .tiled_matmul import _chunked_dot, matmul
 from .mode import resolve_mode
 from .reductions import softmax
+from .tiled_matmul import _chunked_dot, gemv_matches_gemm, matmul
 from .tiling import K_CHUNK, ROW_TILE, pairwise_sum, round_up
 
 GEMV_MAX_ASSIGNMENTS = 4  # gathering each assignment's expert weights only pays off for a few
@@ -134,14 +138,14 @@ def _plan(experts: jax.Array, num_experts: int, row_tile: int):
     pend = jnp.cumsum(padded)
     tile_expert = jnp.minimum(jnp.searchsorted(pend, tile_start, side="right"), num_experts - 1).astype(jnp.int32)
     used_tiles = pend[-1] // row_tile
-    return dict(
-        slot_token=slot_token,
-        slot_assign=slot_assign,
-        assign_slot=assign_slot,
-        tile_expert=tile_expert,
-        used_tiles=used_tiles,
-        n_tiles=n_tiles,
-    )
+    return {
+        "slot_token": slot_token,
+        "slot_assign": slot_assign,
+        "assign_slot": assign_slot,
+        "tile_expert": tile_expert,
+        "used_tiles": used_tiles,
+        "n_tiles": n_tiles,
+    }
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -257,9 +261,15 @@ def moe_ffn(
         raise ValueError(f"moe_ffn shapes: x {x.shape}, experts {experts.shape}, weights {weights.shape}")
     if mode == "standard":
         return _standard(x, experts, weights, w_gate, w_up, w_down, activation).astype(x.dtype)
+    gemv_ok = gemv_matches_gemm(w_gate.shape[2], k_chunk) and gemv_matches_gemm(w_down.shape[2], k_chunk)
     if path == "auto":
-        path = "gemv" if experts.size <= GEMV_MAX_ASSIGNMENTS else "grouped"
+        path = "gemv" if experts.size <= GEMV_MAX_ASSIGNMENTS and gemv_ok else "grouped"
     if path == "gemv":
+        if not gemv_ok:
+            raise ValueError(
+                "the gemv path matches the grouped path only when d_expert and d_model are "
+                "multiples of 64 (see tiled_matmul.GEMV_COLS_MULTIPLE); use path='grouped'"
+            )
         out = _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk)
     elif path == "grouped":
         out = _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_chunk)

@@ -11,9 +11,11 @@ All math is in float32 (bf16 inputs are upcast exactly; results are rounded once
 ``batch_invariant``: every sum over the last axis is the canonical pairwise tree of
 :func:`tml.kernels.tiling.pairwise_sum` (elementwise adds only; XLA:CPU's own
 ``reduce`` was measured *not* to be batch-invariant). Maxima are exact in any
-order. The backward passes are ``custom_vjp``s that use the same tree, so input
-gradients are batch-invariant as well and ``dweight`` of RMSNorm (a sum over all
-rows) is summed in the same fixed tree over the rows.
+order. ``exp``/``log`` run on arrays padded to a multiple of ``LANES`` (16) along
+their minor axis (see :data:`tml.kernels.tiling.LANES`). The backward passes are
+``custom_vjp``s that use the same tree, so input gradients are batch-invariant as
+well and ``dweight`` of RMSNorm (a sum over all rows) is summed in the same fixed
+tree over the rows. Only the last axis is supported (``axis=-1``).
 
 ``standard``: ``jnp.mean``/``jax.nn.softmax``/``jax.nn.log_softmax``/
 ``jax.nn.logsumexp`` with autodiff.

@@ -6,7 +6,8 @@ Shapes::
     q_positions    [B, Tq] int   KV slot index each query sits at
                                  (default: the last Tq slots, ``Tk - Tq + arange(Tq)``)
     q_segment_ids  [B, Tq] int   (default all 0)
-    kv_segment_ids [B, Tk] int   (default all 0; must not be INT32_MIN)
+    kv_segment_ids [B, Tk] int   (default all 0; segment ids must be > INT32_MIN + 1,
+                                 the two smallest values mark invalid slots / padding rows)
     kv_lengths     [B]     int   valid KV slots (default Tk); slots >= length are ignored
     -> out [B, Tq, Hq, D] (dtype of q)
 
@@ -31,7 +32,7 @@ may exceed the valid length; what the spare slots hold never changes the result
 
 Because the running shift is an integer, every rescale factor is an exact power of
 two built from bits (flushed to 0 below ``2^-64``), so each product in the combine
-is exact. That matters on XLA:CPU, which contracts ``a*b + c`` into an FMA inside a
+is exact (barring subnormal underflow of values below ~1e-19). That matters on XLA:CPU, which contracts ``a*b + c`` into an FMA inside a
 fusion and rewrites ``a / broadcast(b)`` into ``a * (1/b)`` — both depending on how
 the surrounding program was fused. With exact products the result is the same
 whether or not an FMA was formed, so a decode program, a prefill program, a training

@@ -12,9 +12,8 @@ has dtype ``result_type(x, w)``.
 ``batch_invariant`` algorithm (the one the Pallas kernel implements too):
 
 1. rows are padded to a multiple of ``ROW_TILE`` (64) so every GEMM runs on whole
-   row tiles and never hits a "few rows" strategy (one exception, measured rather
-   than by construction: a single row with N >= 64 runs as a GEMV, which XLA:CPU
-   accumulates in the same order; ``GEMV_FAST_PATH``);
+   row tiles and never hits a "few rows" strategy (this is what a decode step pays
+   for on CPU: a 1-session step computes a 64-row tile);
 2. bf16 operands are upcast to float32 (exact) — products are exact in float32;
 3. the contraction is cut into canonical chunks of ``K_CHUNK`` (512; the last one
    shorter), each chunk product is one float32 GEMM, and the chunk products are
@@ -44,13 +43,19 @@ from .tiling import K_CHUNK, ROW_TILE, chunk_bounds, pad_axis, round_up, upcast
 
 _HIGHEST = lax.Precision.HIGHEST
 
-# One-row fast path (a single decode session): skip the 64-row padding and run a GEMV.
 # XLA:CPU computes a one-row GEMV and a >= 51-row GEMM with the same per-output
-# sequential FMA chain over a K chunk of <= 512 when N >= 64 — measured on this
-# project's machines and checked by tests/kernels (every invariance test includes
-# one-row calls). Set to False to always use whole row tiles.
-GEMV_FAST_PATH = True
-GEMV_MIN_COLS = 64
+# sequential FMA chain over a K chunk of <= 512 when N is a multiple of 64 and the
+# weight is not (physically) transposed — measured on this project's machines (N = 96,
+# 130, 160, 400 ... and ``dy @ w.T`` gave other bits). matmul does NOT rely on it (a
+# weight may arrive transposed, e.g. tied embeddings, depending on the program); only
+# the MoE gather+GEMV decode path does, guarded by :func:`gemv_matches_gemm` and tested.
+GEMV_COLS_MULTIPLE = 64
+
+
+def gemv_matches_gemm(n_cols: int, k_chunk: int) -> bool:
+    """Whether a one-row GEMV (untransposed weight) gives the bits of a row of the tiled
+    GEMM on XLA:CPU (see above)."""
+    return n_cols % GEMV_COLS_MULTIPLE == 0 and k_chunk <= 512
 
 
 def _chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int, batched: bool) -> jax.Array:
@@ -89,11 +94,8 @@ def _chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int, batched: bool) -> jax
 
 
 def _reference_2d(x: jax.Array, w: jax.Array, row_tile: int, k_chunk: int) -> jax.Array:
-    """x [M, K] @ w [K, N] -> float32 [M, N], rows padded to whole tiles
-    (or the one-row GEMV fast path, see ``GEMV_FAST_PATH``)."""
+    """x [M, K] @ w [K, N] -> float32 [M, N], rows padded to whole tiles."""
     M = x.shape[0]
-    if GEMV_FAST_PATH and M == 1 and w.shape[1] >= GEMV_MIN_COLS and k_chunk <= 512:
-        return _chunked_dot(x, w, k_chunk, batched=False)
     xp = pad_axis(x, 0, round_up(max(M, 1), row_tile))
     return _chunked_dot(xp, w, k_chunk, batched=False)[:M]
 

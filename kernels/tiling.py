@@ -31,7 +31,7 @@ row summed inside 7 or 512 rows gave different bits).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def pad_axis(x: jax.Array, axis: int, size: int, value: float | int = 0) -> jax.Array:
+def pad_axis(x: jax.Array, axis: int, size: int, value: float = 0) -> jax.Array:
     """Pad ``x`` along ``axis`` at the end up to ``size`` (no-op if already that size)."""
     axis = axis % x.ndim
     extra = size - x.shape[axis]

@@ -56,7 +56,7 @@ def test_wheel_maps_top_level_folders_into_the_tml_namespace(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.startswith("tml-")}
     assert tops == {"tml"}, tops
-    for mod in ("tml/kernels/__init__.py", "tml/eval/__init__.py", "tml/data_pipelines/__init__.py",
+    for mod in ("tml/kernels/__init__.py", "tml/kernels/pallas/__init__.py", "tml/eval/__init__.py", "tml/data_pipelines/__init__.py",
                 "tml/recipes/config.yaml", "tml/recipes/data/synthetic.yaml"):
         assert mod in names, mod
 

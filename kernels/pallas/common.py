@@ -6,15 +6,19 @@ Two flavours of every kernel:
   TPU (8, 128) tiling rule. On CPU this flavour runs in ``interpret=True`` mode and
   is the one whose bits are compared with the jnp reference.
 * ``"triton"`` — GPU lowering through Pallas' Triton backend
-  (``pallas.triton.CompilerParams``); block shapes are powers of two. In this JAX
-  version (0.10) the *default* GPU lowering is Mosaic GPU, which has no
-  ``dot_general`` for the lane-level programming model these kernels use, so the
-  GPU flavour selects Triton explicitly.
+  (``pallas.triton.CompilerParams``), for "cuda" and "rocm"; block shapes are powers
+  of two. In this JAX version (0.10) the *default* GPU lowering is Mosaic GPU, which
+  cannot lower these kernels ("Unimplemented primitive in Pallas Mosaic GPU lowering:
+  dot_general for lowering semantics Lane": Mosaic GPU wants warpgroup-level
+  kernels) and does not support ROCm at all, so the GPU flavour selects Triton
+  explicitly.
 
 The two flavours run the same algorithm; they differ only where a backend cannot
 express a step the other way: Triton cannot slice a value held in registers, so the
 pairwise tree over a row is spelled ``reshape(2, h).sum(0)`` instead of
-``x[:h] + x[h:]`` (same additions, same order).
+``x[:h] + x[h:]`` (same additions, same order). When the Triton flavour is run in
+interpret mode on CPU, an ``optimization_barrier`` after every tree level keeps XLA
+from folding the reshape+sum levels into one reduce (which would reorder them).
 
 ``jax.export`` of a Triton kernel needs ``DisabledSafetyCheck.custom_call`` for
 ``__gpu$xla.gpu.triton`` (the Triton custom call has no serialization-compatibility
@@ -25,7 +29,8 @@ compilation happens on the device and is not exercised on a CPU-only machine.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from jax import export as jax_export

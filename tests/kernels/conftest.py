@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from tml.kernels import set_default_impl, set_default_mode
 
 

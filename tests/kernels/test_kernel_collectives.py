@@ -10,22 +10,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from tml.kernels import tree_sum
 from tml.kernels.testing import assert_bits_equal
 
 HELPER = os.path.join(os.path.dirname(__file__), "tp_invariance_check.py")
 
 
-@pytest.fixture(scope="module")
-def tp_results():
+def _launch():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, HELPER, "0"], capture_output=True, text=True, env=env, timeout=300, check=False
+    return subprocess.Popen(
+        [sys.executable, HELPER, "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# Started when pytest imports this module (collection time), so the 8-device subprocess
+# compiles in the background while the other kernel tests run (XLA compiles mostly on
+# one core; the machine has two).
+_PROC = _launch()
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    try:
+        out, err = _PROC.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        _PROC.kill()
+        raise
+    assert _PROC.returncode == 0, err[-4000:]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def test_helper_saw_eight_devices(tp_results):
@@ -33,11 +46,13 @@ def test_helper_saw_eight_devices(tp_results):
 
 
 def test_row_parallel_linear_bitwise_identical_for_tp_1_2_4_8(tp_results):
+    assert any("batch_invariant/two_shot" in case for case in tp_results["cases"])
     for case in tp_results["cases"]:
         for key in ("batch_invariant/one_shot", "batch_invariant/two_shot"):
-            assert all(case[key]["bitwise_equal_to_tp1"].values()), (case["shape"], key, case[key])
-            assert case[key]["max_abs_diff"] == 0.0
-        assert case["one_shot_equals_two_shot"], case["shape"]
+            if key in case:
+                assert all(case[key]["bitwise_equal_to_tp1"].values()), (case["shape"], key, case[key])
+                assert case[key]["max_abs_diff"] == 0.0
+        assert case.get("one_shot_equals_two_shot", True), case["shape"]
         assert case["chunked_linear_equals_tp"], case["shape"]
         assert case["rows_invariant"], case["shape"]
         tol = 1e-4 if case["dtype"] == "float32" else 5e-2  # bf16 output rounding
@@ -45,7 +60,8 @@ def test_row_parallel_linear_bitwise_identical_for_tp_1_2_4_8(tp_results):
 
 
 def test_psum_breaks_tp_invariance(tp_results):
-    broken = [c for c in tp_results["cases"] if not all(c["standard/one_shot"]["bitwise_equal_to_tp1"].values())]
+    std = [c for c in tp_results["cases"] if "standard/one_shot" in c]
+    broken = [c for c in std if not all(c["standard/one_shot"]["bitwise_equal_to_tp1"].values())]
     assert broken, "psum was TP-invariant on every case; the companion test cannot fail"
     assert any(c["standard/one_shot"]["max_abs_diff"] > 0 for c in broken)
 

@@ -2,9 +2,7 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
-
 from tml.kernels import (
     get_default_mode,
     get_mode,
@@ -42,9 +40,8 @@ def test_global_default_and_override_precedence():
 def test_unknown_mode_rejected():
     with pytest.raises(ValueError):
         set_default_mode("fast")
-    with pytest.raises(ValueError):
-        with kernel_mode("nope"):
-            pass
+    with pytest.raises(ValueError), kernel_mode("nope"):
+        pass
     with pytest.raises(ValueError):
         matmul(jnp.ones((2, 2)), jnp.ones((2, 2)), mode="nope")
 

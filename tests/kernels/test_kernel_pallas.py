@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 import tml.kernels.split_kv_attention as ska
 from tml.kernels import attention, matmul, rms_norm
 from tml.kernels import pallas as P
@@ -59,44 +58,42 @@ def test_rms_norm_interpret_equals_reference(flavour):
 
 
 
+def _attention_pair(flavour, window, q, k, v, q_positions=None, q_segment_ids=None, kv_segment_ids=None, kv_lengths=None):
+    """(kernel, reference) outputs (out, shift, sum) for the same prepared layout."""
+
+    def prep(q, k, v):
+        return ska.prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, 0.125, 64)
+
+    ref = jax.jit(lambda q, k, v: ska.reference_forward(prep(q, k, v), True, window, 64))(q, k, v)
+    ker = jax.jit(
+        lambda q, k, v: P.attention_forward(
+            prep(q, k, v), causal=True, window=window, split_size=64, flavour=flavour, interpret=True
+        )
+    )(q, k, v)
+    return ker, ref
+
+
 @pytest.mark.parametrize("flavour", FLAVOURS)
 def test_attention_interpret_equals_reference(flavour):
     rng = np.random.default_rng(2)
     B, Hq, Hkv, D = 2, 4, 2, 64
-    cases = []
     # training row: causal, GQA, packed segments, sliding window; Tk not a multiple of the split
     L = 150
     q = jnp.asarray(rng.standard_normal((B, L, Hq, D)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((B, L, Hkv, D)), jnp.float32)
     v = jnp.asarray(rng.standard_normal((B, L, Hkv, D)), jnp.float32)
     seg = jnp.asarray(np.repeat((np.arange(L) >= 90).astype(np.int32)[None], B, 0))
-    cases.append(("train", (q, k, v), dict(q_segment_ids=seg, kv_segment_ids=seg), dict(window=40)))
+    ker, ref = _attention_pair(flavour, 40, q, k, v, q_segment_ids=seg, kv_segment_ids=seg)
+    for a, b, what in zip(ker, ref, ("out", "shift", "sum")):
+        assert_bits_equal(a, b, f"{flavour} attention, training row: {what}")
     # decode step against a cache with spare capacity
     cap = 192
     kc = jnp.asarray(rng.standard_normal((B, cap, Hkv, D)), jnp.float32)
     vc = jnp.asarray(rng.standard_normal((B, cap, Hkv, D)), jnp.float32)
-    qd = q[:, 100:101]
     lens = jnp.array([101, 77], jnp.int32)
-    cases.append(("decode", (qd, kc, vc), dict(q_positions=lens[:, None] - 1, kv_lengths=lens), dict(window=None)))
-    for name, (q_, k_, v_), kw, mk in cases:
-        def run(fn, q_, k_, v_):
-            L_ = ska.prepare(
-                q_, k_, v_, kw.get("q_positions"), kw.get("q_segment_ids"), kw.get("kv_segment_ids"),
-                kw.get("kv_lengths"), 0.125, 64,
-            )
-            return fn(L_)
-
-        ref = jax.jit(functools.partial(run, lambda L_: ska.reference_forward(L_, True, mk["window"], 64)))(q_, k_, v_)
-        ker = jax.jit(
-            functools.partial(
-                run,
-                lambda L_: P.attention_forward(
-                    L_, causal=True, window=mk["window"], split_size=64, flavour=flavour, interpret=True
-                ),
-            )
-        )(q_, k_, v_)
-        for a, b, what in zip(ker, ref, ("out", "shift", "sum")):
-            assert_bits_equal(a, b, f"{flavour} attention {name}: {what}")
+    ker, ref = _attention_pair(flavour, None, q[:, 100:101], kc, vc, q_positions=lens[:, None] - 1, kv_lengths=lens)
+    for a, b, what in zip(ker, ref, ("out", "shift", "sum")):
+        assert_bits_equal(a, b, f"{flavour} attention, decode: {what}")
 
 
 def test_public_attention_with_pallas_impl_and_grad():
@@ -114,7 +111,11 @@ def test_public_attention_with_pallas_impl_and_grad():
 # lowering for GPU (Triton) and TPU (Mosaic) with jax.export
 # ---------------------------------------------------------------------------
 
-TARGETS = [("cuda", "triton", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")]
+TARGETS = [
+    ("cuda", "triton", "__gpu$xla.gpu.triton"),
+    ("rocm", "triton", "__gpu$xla.gpu.triton"),
+    ("tpu", "tpu", "tpu_custom_call"),
+]
 
 
 def _attention_fn(flavour):
