@@ -1,0 +1,81 @@
+"""Shared by test_parallel.py and its 8-device helper: the tiny test model of
+tests/model/conftest.py with cheap deterministic weights, and packed rows made like
+tests/model make_batch.
+
+Weights are drawn with numpy rather than the model's initialiser: initialising under
+JAX compiles the random ops (10-15 s on this machine, again in every subprocess);
+the parallel tests compare sharded and unsharded runs of the *same* weights, so any
+reasonable values do.
+"""
+
+import importlib.util
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(HERE)
+if TESTS not in sys.path:  # stream_fixtures.py (imported by tests/model/conftest.py)
+    sys.path.insert(0, TESTS)
+
+
+def _model_conftest():
+    # loaded by path under its own name: several conftest.py files exist in tests/
+    name = "tml_tests_model_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(TESTS, "model", "conftest.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+_mc = _model_conftest()
+CFG, ROW, PATCHES, ALIGN = _mc.CFG, _mc.ROW, _mc.PATCHES, _mc.ALIGN
+N_ROWS = 8
+
+
+def make_rows(seed: int = 0, n_rows: int = N_ROWS) -> dict:
+    """``n_rows`` packed rows of ``ROW`` tokens (numpy), like tests/model make_batch."""
+    from stream_fixtures import random_turns
+
+    from tml.stream import layout, pack
+
+    rng = np.random.default_rng(seed)
+    seqs = []
+    while True:
+        seqs += [layout(random_turns(rng, 3)) for _ in range(4 * n_rows)]
+        rows = pack(seqs, ROW, PATCHES, align=ALIGN).as_dict()
+        if rows["tokens"].shape[0] >= n_rows:
+            return {k: v[:n_rows] for k, v in rows.items()}
+
+
+def numpy_model(cfg=CFG, seed: int = 0):
+    """An InteractionModel with numpy-drawn weights: N(0, 1/fan_in) matrices, norm
+    scales 1 + N(0, 0.1^2), other variables (the MoE balance bias) zero."""
+    from tml.model.frontends import plan_out_scales
+    from tml.model.model import InteractionModel
+
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: InteractionModel(cfg, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+
+    def fill(v):
+        if not isinstance(v, nnx.Variable):
+            return np.zeros(v.shape, v.dtype)
+        shape = v.shape
+        if v.get_metadata().get("logical_axes") == ("norm",):
+            val = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif isinstance(v, nnx.Param):
+            val = rng.standard_normal(shape) / np.sqrt(shape[-2] if len(shape) > 1 else 1.0)
+        else:
+            val = np.zeros(shape)
+        return v.replace(jnp.asarray(val, v.dtype))
+
+    model = nnx.merge(graphdef, jax.tree.map(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+    model.hmlp.scales = plan_out_scales(cfg.temporal_patch_size, cfg.patch_size, cfg.vision_layers,
+                                        cfg.n_channels)
+    return model

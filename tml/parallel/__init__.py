@@ -1,0 +1,41 @@
+"""Parallelism applied from outside the model: a 4-axis device mesh and logical-axis
+sharding rules.
+
+    from tml.parallel import MeshConfig, make_mesh, DEFAULT_RULES, shard_model, shard_batch
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    model = shard_model(model, DEFAULT_RULES, mesh)
+    out = nnx.jit(lambda m, b: m(b))(model, shard_batch(batch, mesh))
+
+``tml.parallel.config`` and ``tml.parallel.mesh`` are light (no JAX import at module
+level) so configs load without starting JAX; the sharding functions are imported on
+first use.
+"""
+
+from tml.parallel.config import DEFAULT_RULES, ParallelConfig, default_rules
+from tml.parallel.mesh import AXES, MeshConfig, make_mesh
+
+_LAZY = {
+    name: "tml.parallel.sharding"
+    for name in (
+        "batch_sharding", "batch_spec", "bytes_per_device", "create_sharded", "logical_constraint", "logical_to_spec",
+        "normalize_rules", "param_specs", "shard_batch", "shard_model", "state_shardings",
+        "state_specs", "use_rules", "variable_spec",
+    )
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
+
+
+__all__ = [  # noqa: RUF022
+    "AXES", "DEFAULT_RULES", "MeshConfig", "ParallelConfig", "default_rules", "make_mesh",
+    "batch_sharding", "batch_spec", "bytes_per_device", "create_sharded", "logical_constraint",
+    "logical_to_spec", "normalize_rules", "param_specs", "shard_batch", "shard_model",
+    "state_shardings", "state_specs", "use_rules", "variable_spec",
+]
+assert set(__all__) >= set(_LAZY)
