@@ -15,7 +15,7 @@ run: $(STAMP)          ## main job: pretrain `tiny` on the embedded corpus (buil
 	$(VENV)/bin/tml train
 
 test: $(STAMP)         ## the test suite
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2
 
 bench: $(STAMP)        ## data and kernel benchmarks (tables + JSON in bench_results/)
 	$(VENV)/bin/tml data bench
