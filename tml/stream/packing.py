@@ -21,9 +21,8 @@ from typing import Iterator
 import numpy as np
 
 from tml.stream.layout import PATCH_SHAPE, Modality, Tokens
+from tml.stream.micro_turns import N_MELS
 from tml.text import ByteTokenizer
-
-N_MELS = 80
 
 
 def split_at_micro_turns(seq: Tokens, max_tokens: int, max_patches: int) -> list[Tokens]:
