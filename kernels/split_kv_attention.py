@@ -95,12 +95,9 @@ class Layout(NamedTuple):
     kv_seg: jax.Array
 
 
-def prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, scale, split_size) -> Layout:
-    B, Tq, Hq, D = q.shape
-    Bk, Tk, Hkv, Dk = k.shape
-    if Bk != B or Dk != D or v.shape != k.shape or Hq % Hkv:
-        raise ValueError(f"attention shapes: q {q.shape}, k {k.shape}, v {v.shape}")
-    G = Hq // Hkv
+def fill_defaults(B, Tq, Tk, q_positions, q_segment_ids, kv_segment_ids, kv_lengths):
+    """The masking arguments both modes share, defaulted: queries on the last Tq slots,
+    one segment, every KV slot valid."""
     if q_positions is None:
         q_positions = jnp.broadcast_to(jnp.arange(Tq, dtype=jnp.int32) + (Tk - Tq), (B, Tq))
     if q_segment_ids is None:
@@ -109,6 +106,17 @@ def prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, sca
         kv_segment_ids = jnp.zeros((B, Tk), jnp.int32)
     if kv_lengths is None:
         kv_lengths = jnp.full((B,), Tk, jnp.int32)
+    return q_positions, q_segment_ids, kv_segment_ids, kv_lengths
+
+
+def prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, scale, split_size) -> Layout:
+    B, Tq, Hq, D = q.shape
+    Bk, Tk, Hkv, Dk = k.shape
+    if Bk != B or Dk != D or v.shape != k.shape or Hq % Hkv:
+        raise ValueError(f"attention shapes: q {q.shape}, k {k.shape}, v {v.shape}")
+    G = Hq // Hkv
+    q_positions, q_segment_ids, kv_segment_ids, kv_lengths = fill_defaults(
+        B, Tq, Tk, q_positions, q_segment_ids, kv_segment_ids, kv_lengths)
     Tkp = round_up(max(Tk, 1), split_size)
 
     qf = upcast(q).astype(jnp.float32) * jnp.float32(scale * LOG2E)
@@ -289,14 +297,8 @@ def _standard(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, c
     B, Tq, Hq, D = q.shape
     _, Tk, Hkv, _ = k.shape
     G = Hq // Hkv
-    if q_positions is None:
-        q_positions = jnp.broadcast_to(jnp.arange(Tq, dtype=jnp.int32) + (Tk - Tq), (B, Tq))
-    if q_segment_ids is None:
-        q_segment_ids = jnp.zeros((B, Tq), jnp.int32)
-    if kv_segment_ids is None:
-        kv_segment_ids = jnp.zeros((B, Tk), jnp.int32)
-    if kv_lengths is None:
-        kv_lengths = jnp.full((B,), Tk, jnp.int32)
+    q_positions, q_segment_ids, kv_segment_ids, kv_lengths = fill_defaults(
+        B, Tq, Tk, q_positions, q_segment_ids, kv_segment_ids, kv_lengths)
     slot = jnp.arange(Tk, dtype=jnp.int32)
     kv_seg = jnp.where(slot[None] < kv_lengths[:, None], kv_segment_ids, SEGMENT_SENTINEL)
     mask = visible(q_positions[:, :, None], q_segment_ids[:, :, None], slot[None, None, :], kv_seg[:, None, :], causal, window)
