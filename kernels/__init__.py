@@ -19,6 +19,7 @@ from .collectives import (
     all_reduce_chunks,
     chunked_linear,
     one_shot_all_reduce,
+    ordered_all_reduce,
     row_parallel_linear,
     tree_sum,
     two_shot_all_reduce,
@@ -39,7 +40,7 @@ from .moe import moe_ffn, route_topk
 from .reductions import log_softmax, logsumexp, rms_norm, softmax
 from .split_kv_attention import attention
 from .tiled_matmul import linear, matmul
-from .tiling import K_CHUNK, ROW_TILE, SPLIT_SIZE, pairwise_sum
+from .tiling import K_CHUNK, ROW_TILE, SPLIT_SIZE, pairwise_sum, rounded, sequence_tree
 
 __all__ = [
     "BATCH_INVARIANT",
@@ -61,7 +62,10 @@ __all__ = [
     "mode_aware_jit",
     "moe_ffn",
     "one_shot_all_reduce",
+    "ordered_all_reduce",
     "pairwise_sum",
+    "rounded",
+    "sequence_tree",
     "resolve_mode",
     "rms_norm",
     "route_topk",

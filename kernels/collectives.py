@@ -33,7 +33,7 @@ from jax import lax
 
 from .mode import resolve_mode
 from .tiled_matmul import matmul
-from .tiling import pad_axis, pairwise_tree, round_up
+from .tiling import pad_axis, pairwise_tree, round_up, sequence_tree
 
 MAX_TP = 8
 ALGORITHMS = ("one_shot", "two_shot")
@@ -74,6 +74,21 @@ def all_reduce_chunks(partials: jax.Array, axis_name: str, algorithm: str = "one
     if algorithm == "two_shot":
         return two_shot_all_reduce(partials, axis_name)
     raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+
+
+def ordered_all_reduce(x: jax.Array, axis_name: str, *, mode: str | None = None) -> jax.Array:
+    """Sum ``x`` [...] over the ranks of ``axis_name`` in rank order (inside ``shard_map``).
+
+    batch_invariant: all-gather the ``tp`` partials (one-shot, NVLS-style) and sum them
+    in the adjacent-pairs :func:`~tml.kernels.tiling.sequence_tree`, so the result has
+    the same bits on every rank and composes with a per-rank tree over contiguous,
+    power-of-two blocks into one global tree (data-parallel gradient sums that do not
+    depend on the number of ranks). standard: ``psum`` (the backend's order).
+    """
+    if resolve_mode(mode) == "standard":
+        return lax.psum(x, axis_name)
+    gathered = lax.all_gather(x, axis_name, axis=0)  # [tp, ...] in rank order
+    return sequence_tree([gathered[i] for i in range(gathered.shape[0])])
 
 
 def _chunk_partials(x: jax.Array, w: jax.Array, n_chunks: int) -> jax.Array:

@@ -60,7 +60,7 @@ from jax import lax
 from .mode import resolve_mode
 from .reductions import softmax
 from .tiled_matmul import _chunked_dot, gemv_matches_gemm, matmul
-from .tiling import K_CHUNK, ROW_TILE, pairwise_sum, round_up
+from .tiling import K_CHUNK, ROW_TILE, lane_padded, pairwise_sum, round_up, rounded
 
 GEMV_MAX_ASSIGNMENTS = 4  # gathering each assignment's expert weights only pays off for a few
 
@@ -87,7 +87,7 @@ def route_topk(
     mode = resolve_mode(mode)
     logits = router_logits.astype(jnp.float32)
     if score_fn == "sigmoid":
-        scores = jax.nn.sigmoid(logits)
+        scores = jax.nn.sigmoid(logits) if mode == "standard" else _sigmoid(logits)
     elif score_fn == "softmax":
         scores = softmax(logits, mode=mode)
     else:
@@ -98,10 +98,62 @@ def route_topk(
     if normalize:
         if mode == "standard":
             denom = jnp.sum(weights, axis=-1, keepdims=True)
+            weights = weights / denom
         else:
-            denom = pairwise_sum(weights, -1, keepdims=True)
-        weights = weights / denom
+            weights = _normalize_rows(weights)
     return weights, experts.astype(jnp.int32)
+
+
+@jax.custom_vjp
+def _sigmoid(x):
+    """Sigmoid of router logits [T, E] evaluated on lane-padded rows, gradient from the
+    saved output (``dy * s * (1 - s)``, nothing re-evaluated). With E = 4..16 experts the
+    plain ``jax.nn.sigmoid`` is an ``exp`` over a few lanes, which XLA:CPU rounds
+    differently in the vector body and the remainder loop
+    (:func:`tml.kernels.tiling.lane_padded`); the backward then reuses the output
+    rather than re-evaluating the ``exp`` inside another fusion."""
+    return lane_padded(jax.nn.sigmoid, x, -1, fill=0.0)
+
+
+def _sigmoid_fwd(x):
+    s = _sigmoid(x)
+    return s, s
+
+
+def _sigmoid_bwd(s, dy):
+    return (dy * s * (1.0 - s),)
+
+
+_sigmoid.defvjp(_sigmoid_fwd, _sigmoid_bwd)
+
+
+@jax.custom_vjp
+def _normalize_rows(w):
+    """w [T, k] / its pairwise row sum, computed as ``w * (1 / sum)``, forward and backward.
+
+    XLA's simplifier rewrites ``a / broadcast(s)`` into ``a * broadcast(1 / s)`` in some
+    programs and not in others (it depends on the surrounding fusion), and the two round
+    differently: the router gradient of the same micro-batch then differed between one
+    device and a data-parallel rank. The backward's row sum is the fixed pairwise tree
+    over :func:`~tml.kernels.tiling.rounded` products, where autodiff would emit an XLA
+    reduce of FMA-contractible products.
+    """
+    return _normalize_rows_fwd(w)[0]
+
+
+def _normalize_rows_fwd(w):
+    r = 1.0 / pairwise_sum(w, -1, keepdims=True)
+    y = w * r
+    return y, (y, r)
+
+
+def _normalize_rows_bwd(res, dy):
+    y, r = res
+    proj = pairwise_sum(rounded(dy * y), -1, keepdims=True)
+    return ((dy - proj) * r,)
+
+
+_normalize_rows.defvjp(_normalize_rows_fwd, _normalize_rows_bwd)
 
 
 # ---------------------------------------------------------------------------
@@ -136,7 +188,10 @@ def _plan(experts: jax.Array, num_experts: int, row_tile: int):
     slot_token = jnp.where(slot_assign < A, slot_assign // k, T)
     tile_start = jnp.arange(n_tiles, dtype=jnp.int32) * row_tile
     pend = jnp.cumsum(padded)
-    tile_expert = jnp.minimum(jnp.searchsorted(pend, tile_start, side="right"), num_experts - 1).astype(jnp.int32)
+    # = searchsorted(pend, tile_start, side="right"), written as a count (jnp.searchsorted
+    # fails to trace inside a shard_map with varying manual axes in JAX 0.10)
+    after = (pend[None, :] <= tile_start[:, None]).sum(1, dtype=jnp.int32)
+    tile_expert = jnp.minimum(after, num_experts - 1).astype(jnp.int32)
     used_tiles = pend[-1] // row_tile
     return {
         "slot_token": slot_token,
@@ -171,11 +226,35 @@ def _dispatch_bwd(k, res, g):
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
+@jax.custom_vjp
+def _scale_rows(h, wt):
+    """h [rows, F] * wt [rows, 1], whose wt-gradient is a fixed pairwise row sum.
+
+    Left to autodiff, that gradient is an XLA reduce whose order depends on how the
+    surrounding program is fused (it differed between one device and a data-parallel
+    rank of the same micro-batch), which would make the router's gradient, and so the
+    training run, depend on the number of devices.
+    """
+    return h * wt
+
+
+def _scale_rows_fwd(h, wt):
+    return h * wt, (h, wt)
+
+
+def _scale_rows_bwd(res, dy):
+    h, wt = res
+    return dy * wt, pairwise_sum(rounded(dy * h), -1, keepdims=True)
+
+
+_scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
+
+
 def _expert_tile(x_tile, w_gate, w_up, w_down, wt, activation, k_chunk):
     """One tile: x_tile [rows, D], wt [rows, 1] routing weights -> [rows, D] float32."""
     g = matmul(x_tile, w_gate, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
     u = matmul(x_tile, w_up, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
-    h = activation(g) * u * wt
+    h = _scale_rows(activation(g) * u, wt)
     return matmul(h, w_down, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
 
 

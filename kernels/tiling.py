@@ -131,6 +131,41 @@ def pairwise_tree(parts: Sequence[jax.Array]) -> jax.Array:
     return parts[0]
 
 
+def sequence_tree(parts: Sequence[jax.Array]) -> jax.Array:
+    """Sum a list of equally shaped arrays in the fixed **adjacent-pairs** tree.
+
+    Level by level, ``y[i] = x[2i] + x[2i+1]``, an unpaired last part carried up: for 6
+    parts ``((p0+p1) + (p2+p3)) + (p4+p5)``. Contiguous runs of a power-of-two length,
+    aligned to their length, are complete subtrees, so a sum over contiguous blocks of
+    ``2^a`` parts (e.g. the micro-batches of one data-parallel rank) followed by this
+    tree over the block sums gives the same bits as this tree over all parts
+    (:func:`tml.kernels.ordered_all_reduce`, :mod:`tml.train.step`).
+    """
+    parts = list(parts)
+    if not parts:
+        raise ValueError("sequence_tree of nothing")
+    while len(parts) > 1:
+        nxt = [parts[i] + parts[i + 1] for i in range(0, len(parts) - 1, 2)]
+        if len(parts) % 2:
+            nxt.append(parts[-1])
+        parts = nxt
+    return parts[0]
+
+
+def rounded(x: jax.Array) -> jax.Array:
+    """``x``, rounded to its dtype before any consumer sees it: products summed after
+    this are never contracted into FMAs.
+
+    XLA:CPU lets LLVM contract a multiply feeding an add into one FMA (one rounding
+    instead of two) whenever both land in the same fused loop, which depends on the
+    whole program: the same row sum of products then rounds differently on one device
+    and on a data-parallel rank. (``optimization_barrier`` does not help: XLA:CPU removes
+    it before fusion.) A select on ``x == x`` (NaN stays NaN) sits between the multiply
+    and the add, and nothing contracts through it.
+    """
+    return jnp.where(x == x, x, jnp.nan)  # noqa: PLR0124 (the point: a NaN test between mul and add)
+
+
 def lane_padded(fn, x: jax.Array, axis: int = -1, fill: float = 1.0) -> jax.Array:
     """Apply elementwise ``fn`` with ``axis`` padded to a multiple of ``LANES``.
 
