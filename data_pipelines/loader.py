@@ -13,8 +13,14 @@ Deterministic for a seed, resumable to the batch, disjoint across processes:
   makes it yield exactly the batches the old one would have yielded next.
 * **Workers.** With ``workers > 0`` a torch DataLoader decodes and lays out whole shards in
   worker processes, in order, so the batches are the same for any number of workers.
-* **Integrity.** Every shard's sha256 is checked against ``manifest.json``; a corrupt or
-  missing shard is an error that names it and says how to rebuild.
+* **Integrity.** Each time a shard is opened (once per shard per epoch, in the process
+  that decodes it) its size and sha256 are checked against ``manifest.json`` before
+  anything in it is decoded. A missing, truncated or altered shard, or a sample in it that
+  does not decode, raises :class:`CorruptShardError` — also with torch workers, where the
+  error crosses to the main process with its message unchanged — naming the shard, what is
+  wrong and how to rewrite it. The error comes when the loader first needs the bad shard
+  (workers prefetch, but hand results back in order), so the batches before it, and the
+  loader state a checkpoint records, are those of a clean run.
 """
 
 from __future__ import annotations
@@ -30,12 +36,34 @@ from typing import Iterator
 
 import numpy as np
 
-from tml.stream import Conversation, Packer, PackedRows, Tokens, layout, split_at_micro_turns, to_micro_turns
+from tml.stream import (SAMPLES_PER_MICRO_TURN, Conversation, Packer, PackedRows, Tokens, layout,
+                        split_at_micro_turns, to_micro_turns)
+from tml.stream.micro_turns import FRAMES_PER_MICRO_TURN, N_MELS
 from tml.data_pipelines.shards import MANIFEST
 
 
 class CorruptShardError(RuntimeError):
-    pass
+    """A shard is missing, truncated, altered (sha256 mismatch) or holds a sample that does
+    not decode. The message names the shard, what is wrong and what to do; ``path`` is the
+    shard. Constructible from the message alone, as torch's worker re-raise needs."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+
+def _rebuild_hint(path: Path) -> str:
+    return (f"Rewrite it: re-run `tml data build` with the same data settings "
+            f"(data.out_dir={path.parent}); the build resumes, checks the sha256 of every "
+            f"existing shard and rewrites only the missing or bad ones.")
+
+
+def _corrupt(path: Path, problem: str, hint: str | None = None) -> CorruptShardError:
+    return CorruptShardError(f"corrupt shard {path}: {problem}. {hint or _rebuild_hint(path)}", str(path))
+
+
+# what np.load / json / tarfile raise on garbage input
+_DECODE_ERRORS = (ValueError, KeyError, IndexError, TypeError, EOFError, OSError, tarfile.TarError)
 
 
 @dataclass(frozen=True)
@@ -59,7 +87,15 @@ def read_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}: build the corpus with `tml data build`")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): re-run `tml data build` with the same "
+                         f"data settings (data.out_dir={path.parent}) to rewrite it") from e
+
+
+class MemberNameError(ValueError):
+    """A tar member whose name is not a UTF-8 ``<key>.<ext>``."""
 
 
 def read_tar_samples(data: bytes) -> list[dict[str, bytes]]:
@@ -69,67 +105,136 @@ def read_tar_samples(data: bytes) -> list[dict[str, bytes]]:
         for member in tar:
             if not member.isfile():
                 continue
+            try:
+                member.name.encode("utf-8")  # tarfile keeps undecodable bytes as surrogates
+            except UnicodeEncodeError:
+                raise MemberNameError(f"member name {member.name!r} is not UTF-8") from None
             key, _, ext = member.name.partition(".")
+            if not key or not ext:
+                raise MemberNameError(f"member name {member.name!r} is not <key>.<ext>")
             samples.setdefault(key, {"__key__": key})[ext] = tar.extractfile(member).read()
     return list(samples.values())
 
 
-def decode_shard(path: Path, sha256: str | None) -> list[tuple[Conversation, np.ndarray]]:
-    """Read one tar shard into (conversation, uint8 [2, 4n, 80] dMel of user and model).
-
-    The audio is not decoded (the dMel is precomputed): the conversation carries silent
-    placeholder waveforms of the right length."""
+def verify_shard(path: Path, sha256: str | None, size: int | None = None) -> bytes:
+    """The bytes of a shard, after checking they are the ones ``manifest.json`` records
+    (size first, so a truncated file is named as such, then sha256)."""
     try:
         data = path.read_bytes()
+    except FileNotFoundError:
+        raise _corrupt(path, "the file is missing (manifest.json lists it)") from None
     except OSError as e:
-        raise CorruptShardError(f"cannot read shard {path}: {e}. Rebuild with `tml data build`.") from e
-    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        raise CorruptShardError(
-            f"shard {path} does not match the sha256 in manifest.json (corrupt or modified); "
-            f"delete it and re-run `tml data build` with the same data.out_dir to rewrite it"
-        )
-    convs = []
+        raise _corrupt(path, f"the file cannot be read ({type(e).__name__}: {e})") from e
+    if size is not None and len(data) != size:
+        what = "truncated" if len(data) < size else "longer than built"
+        raise _corrupt(path, f"{what}: {len(data):,} bytes on disk, {size:,} in manifest.json")
+    if sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != sha256:
+            raise _corrupt(path, f"sha256 mismatch (flipped bytes or a modified file): expected "
+                                 f"{sha256[:16]}… (manifest.json), actual {actual[:16]}…")
+    return data
+
+
+def _written_this_way_hint(path: Path) -> str:
+    """What to do about a shard whose bytes match manifest.json but do not decode."""
+    return (f"Its sha256 matches manifest.json, so the build wrote it this way: delete {path} "
+            f"and re-run `tml data build` with the same data settings (data.out_dir={path.parent}) "
+            f"to rewrite it; if it fails again the same way, the source data or the builder is at fault.")
+
+
+def decode_shard(path: Path, sha256: str | None, size: int | None = None,
+                 conversations: int | None = None) -> list[tuple[Conversation, np.ndarray]]:
+    """Read one tar shard into (conversation, uint8 [2, 4n, 80] dMel of user and model).
+
+    The shard is verified first (:func:`verify_shard`); this and any sample that does not
+    decode raise :class:`CorruptShardError`. The audio is not decoded (the dMel is
+    precomputed): the conversation carries silent placeholder waveforms of the right length."""
+    data = verify_shard(path, sha256, size)
+    hint = _written_this_way_hint(path) if sha256 is not None else None
     try:
         samples = read_tar_samples(data)
-    except (tarfile.TarError, ValueError, KeyError) as e:
-        raise CorruptShardError(f"shard {path} is not a readable tar ({e}); rebuild it") from e
+    except MemberNameError as e:
+        raise _corrupt(path, f"undecodable {e}", hint) from None
+    except _DECODE_ERRORS as e:
+        raise _corrupt(path, f"not a readable tar ({type(e).__name__}: {e})", hint) from e
+    convs = []
     for sample in samples:
-        meta = json.loads(sample["meta.json"])
-        dm = np.load(io.BytesIO(sample["dmel.npy"]))
-        video = np.load(io.BytesIO(sample["video.npy"])) if "video.npy" in sample else None
-        n = meta["n_micro_turns"]
-        # audio is not decoded: a placeholder of the right length keeps n_micro_turns
-        silent = np.zeros(n * 3200, np.float32)
-        convs.append((Conversation.from_json(meta, silent, silent, video), dm))
+        key = sample["__key__"]
+        missing = [m for m in ("meta.json", "dmel.npy") if m not in sample]
+        if missing:
+            names = sorted(f"{key}.{ext}" for ext in sample if ext != "__key__")
+            raise _corrupt(path, f"sample {key!r} has no {' or '.join(missing)} (its members: {names})",
+                           hint)
+        member = "meta.json"
+        try:
+            meta = json.loads(sample["meta.json"])
+            n = meta["n_micro_turns"]
+            if not isinstance(n, int) or n < 0:
+                raise ValueError(f"n_micro_turns={n!r}")
+            member = "dmel.npy"
+            dm = np.load(io.BytesIO(sample["dmel.npy"]), allow_pickle=False)
+            need = (2, n * FRAMES_PER_MICRO_TURN, N_MELS)
+            if dm.dtype != np.uint8 or dm.shape != need:
+                raise ValueError(f"{dm.dtype} {dm.shape}, expected uint8 {need} for {n} micro-turns")
+            member = "video.npy"
+            video = (np.load(io.BytesIO(sample["video.npy"]), allow_pickle=False)
+                     if "video.npy" in sample else None)
+            member = "meta.json"
+            # audio is not decoded: a placeholder of the right length keeps n_micro_turns
+            silent = np.zeros(n * SAMPLES_PER_MICRO_TURN, np.float32)
+            conv = Conversation.from_json(meta, silent, silent, video)
+        except _DECODE_ERRORS as e:
+            raise _corrupt(path, f"member {key + '.' + member!r} does not decode "
+                                 f"({type(e).__name__}: {e})", hint) from e
+        convs.append((conv, dm))
+    if conversations is not None and len(convs) != conversations:
+        raise _corrupt(path, f"holds {len(convs)} samples, manifest.json says {conversations}", hint)
     return convs
 
 
 def shard_pieces(path: Path, sha256: str | None, row_length: int, max_patches: int,
-                 perm_seed: tuple | None) -> list[list[Tokens]]:
+                 perm_seed: tuple | None, size: int | None = None,
+                 conversations: int | None = None) -> list[list[Tokens]]:
     """One shard → its conversations (permuted by ``perm_seed``) → pieces per conversation."""
-    convs = decode_shard(path, sha256)
+    convs = decode_shard(path, sha256, size, conversations)
     order = (np.random.default_rng(list(perm_seed)).permutation(len(convs))
              if perm_seed is not None else np.arange(len(convs)))
     out = []
     for i in order:
         conv, dm = convs[i]
-        seq = layout(to_micro_turns(conv, user_dmel=dm[0], model_dmel=dm[1]))
-        out.append(split_at_micro_turns(seq, row_length, max_patches))
+        try:
+            turns = to_micro_turns(conv, user_dmel=dm[0], model_dmel=dm[1])
+        except _DECODE_ERRORS as e:  # metadata that decodes but does not make sense
+            raise _corrupt(path, f"sample {conv.id!r} is inconsistent ({type(e).__name__}: {e})",
+                           _written_this_way_hint(path) if sha256 is not None else None) from e
+        out.append(split_at_micro_turns(layout(turns), row_length, max_patches))
     return out
 
 
 class _EpochShards:
-    """Map-style dataset: global index i → pieces of the i-th shard in epoch-major order."""
+    """Map-style dataset: global index i → pieces of the i-th shard in epoch-major order.
 
-    def __init__(self, loader: "ShardLoader"):
+    In a torch worker (``in_worker``) a :class:`CorruptShardError` is returned rather than
+    raised, so the main process can raise it with its own message: torch would re-raise it
+    as a new exception whose message is the worker's whole traceback."""
+
+    def __init__(self, loader: "ShardLoader", in_worker: bool = False):
         self.loader = loader
+        self.in_worker = in_worker
 
     def __getitem__(self, i: int):
         epoch, pos = divmod(i, self.loader.shards_per_epoch)
         name, sha = self.loader.epoch_shards(epoch)[pos]
         seed = (self.loader.seed, epoch, pos) if self.loader.shuffle else None
-        return shard_pieces(self.loader.data_dir / name, sha, self.loader.row_length,
-                            self.loader.max_patches, seed)
+        size, conversations = self.loader.shard_info.get(name, (None, None))
+        try:
+            return shard_pieces(self.loader.data_dir / name, sha, self.loader.row_length,
+                                self.loader.max_patches, seed, size, conversations)
+        except CorruptShardError as e:
+            if self.in_worker:
+                return e
+            raise
 
     def __len__(self):  # effectively infinite; DataLoader needs a length only for len()
         return 2**62
@@ -170,6 +275,9 @@ class ShardLoader:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.shards = sorted(shards)
+        # size and sample count of each shard, checked when it is opened
+        self.shard_info = {s["name"]: (s.get("bytes"), s.get("conversations"))
+                           for s in manifest["shards"] if s["split"] == split}
         self.split, self.row_length, self.max_patches = split, row_length, max_patches
         self.batch_size, self.seed, self.shuffle, self.workers = batch_size, seed, shuffle, workers
         self.align = align
@@ -191,19 +299,24 @@ class ShardLoader:
         return self._state
 
     def _shard_stream(self, start: int) -> Iterator[list[list[Tokens]]]:
-        dataset = _EpochShards(self)
         if self.workers <= 0:
+            dataset = _EpochShards(self)
             for i in count(start):
                 yield dataset[i]
         else:
             import torch.utils.data as tud
 
             dl = tud.DataLoader(
-                dataset, batch_size=None, sampler=count(start), num_workers=self.workers,
-                collate_fn=_identity, prefetch_factor=2, multiprocessing_context="spawn",
-                persistent_workers=True,
+                _EpochShards(self, in_worker=True), batch_size=None, sampler=count(start),
+                num_workers=self.workers, collate_fn=_identity, prefetch_factor=2,
+                multiprocessing_context="spawn", persistent_workers=True,
             )
-            yield from dl
+            # torch hands results back in index order, so a bad shard is raised when its
+            # turn comes, after every batch before it, as without workers
+            for shard in dl:
+                if isinstance(shard, CorruptShardError):
+                    raise CorruptShardError(str(shard), shard.path)
+                yield shard
 
     def __iter__(self) -> Iterator[PackedRows]:
         st = self._state

@@ -7,9 +7,11 @@ A corpus folder holds::
 
 Each shard is a *job* (a fixed slice of the source) that one worker process turns into a
 tar written to a temp file and renamed into place, then a ``.stats.json`` sidecar
-(again temp + rename). A shard is finished when both exist; a re-run skips finished
-shards and redoes the rest, so an interrupted build resumes and never leaves a
-half-written shard. Bad inputs become rejects (file + reason), never exceptions.
+(again temp + rename). A shard is finished when both exist and the tar's size and sha256
+match its sidecar; a re-run skips finished shards and redoes the rest, so an interrupted
+build resumes and never leaves a half-written shard, and a shard that went missing or was
+damaged since (truncated, flipped bytes) is rewritten, byte-identical to the original.
+Bad inputs become rejects (file + reason), never exceptions.
 
 One sample per conversation (key = ``Conversation.id``):
 
