@@ -401,7 +401,7 @@ def test_sigterm_in_a_training_subprocess_saves_a_final_checkpoint(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     final_step = int(out.split("FINAL_STEP ")[1].split()[0])
     with Checkpointer(ckdir, model_config=TOY_CONFIG) as ck:
-        assert ck.latest_step() == final_step and final_step > 10
+        assert ck.latest_step() == final_step and final_step >= 10  # 10 when the signal lands on that step
         abstract_model, abstract_opt = _abstract_toy()
         r = ck.restore(model=abstract_model, opt_state=abstract_opt, rng=jax.random.key(0))
     saved = np.load(dump)

@@ -49,8 +49,19 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
-    dtype: str = "float32"               # compute dtype: float32 | bfloat16
+    dtype: str = "auto"                  # compute dtype: auto | float32 | bfloat16
     param_dtype: str = "float32"
+
+    def compute_dtype(self):
+        """The activation dtype: ``dtype``, where ``"auto"`` is bfloat16 on GPU/TPU (matmul
+        units with float32 accumulation) and float32 on CPU (no bfloat16 arithmetic)."""
+        import jax
+        import jax.numpy as jnp
+
+        if self.dtype == "auto":
+            return jnp.dtype(jnp.bfloat16 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+                             else jnp.float32)
+        return jnp.dtype(self.dtype)
 
     def resolved_layer_types(self) -> list[str]:
         if self.layer_types:

@@ -95,7 +95,7 @@ class InteractionModel(nnx.Module):
     # ----------------------------------------------------------------------------- inputs
     def embed(self, batch: dict) -> jax.Array:
         """Assemble [B, T, d] input embeddings from the stream layout's modality ids."""
-        dt = jnp.dtype(self.cfg.dtype)
+        dt = self.cfg.compute_dtype()
         tokens, modality = batch["tokens"], batch["modality"].astype(jnp.int32)
         tok = jnp.take(self.token_embed[...], tokens, axis=0).astype(dt)
         audio = self.dmel(batch["dmel"]).astype(dt)

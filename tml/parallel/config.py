@@ -53,3 +53,4 @@ def default_rules() -> dict[str, Any]:
 class ParallelConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     rules: dict[str, Any] = field(default_factory=default_rules)
+    devices: int = 0                   # use the first N devices (0 = all; single process only)

@@ -508,9 +508,15 @@ class Checkpointer:
                     f"is untouched and is what restore() returns.")
         else:
             kept = f"No earlier checkpoint exists in {self.directory}."
+        cause = e
+        while cause.__cause__ is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__
+        advice = (f"Check free disk space and write permission of {self.directory}, then resume from "
+                  f"the last good checkpoint." if isinstance(cause, OSError) else
+                  "The state handed to save() could not be written (see the error above); the files "
+                  "on disk were not changed.")
         return (f"saving checkpoint step {step} to {self.directory} failed: {type(e).__name__}: {e}. "
-                f"{kept} Check free disk space and write permission of {self.directory}, then "
-                f"resume from the last good checkpoint.")
+                f"{kept} {advice}")
 
     def _check_directory_config(self) -> None:
         """Refuse to mix checkpoints of two model configs in one directory."""
@@ -532,8 +538,14 @@ class Checkpointer:
         rng: Any = None,
         best: bool = False,
         allow_config_mismatch: bool = False,
+        merge_data_states: Callable[[list], Any] | None = None,
     ) -> Restored:
         """Restore ``step`` (default: the latest, or the best with ``best=True``).
+
+        ``merge_data_states``: every saving process's loader state (in process order) →
+        this process's, for loaders whose position does not depend on the number of
+        processes (:class:`tml.train.global_batch.GlobalBatches`); without it a restore
+        on another number of processes is refused, as each process's position is its own.
 
         ``model`` / ``opt_state`` / ``rng`` are targets (see module docstring); an item
         whose target is ``None`` is not read (e.g. ``opt_state=None`` for evaluation).
@@ -593,7 +605,10 @@ class Checkpointer:
                 leaves.append(leaf)
             out[name] = jax.tree_util.tree_unflatten(treedef, leaves)
         per_process = restored["data"]["per_process"]
-        data_state = self._this_process_data_state(step, per_process)
+        if merge_data_states is not None and any(st is not None for st in per_process):
+            data_state = merge_data_states(per_process)
+        else:
+            data_state = self._this_process_data_state(step, per_process)
         return Restored(step=step, model=out.get("model"), opt_state=out.get("opt_state"),
                         rng=out.get("rng"), data_state=data_state,
                         metrics=meta.get("metrics") or None, meta=meta)

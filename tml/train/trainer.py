@@ -15,16 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from tml import kernels
-from tml.model.count import count_params
-from tml.model.loss import LossWeights, losses
+from tml.model.count import train_step_flops
+from tml.model.loss import LossWeights
 from tml.model.model import InteractionModel
-from tml.model.moe import update_balance_bias
+from tml.train.step import make_eval_step, make_train_step, split_micro  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -46,66 +44,48 @@ class TrainerConfig:
     measure_peak: bool = True          # measure the float32 matmul peak for MFU
 
 
-def split_micro(batch: dict, n: int) -> dict:
-    """[B, ...] → [n, B/n, ...] for the accumulation scan."""
-    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+def to_host(tree):
+    """Replicated (or single-process) device arrays → numpy, on every process."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
 
 
-def make_train_step(graphdef, tx, weights: LossWeights, balance_rate: float):
-    """A pure step: (params, rest, opt_state, batch [n_micro, B, ...]) → new state, metrics."""
+def on_mesh(tree, mesh):
+    """Leaves not yet placed on ``mesh`` (the optimizer's step counter, which the compiler
+    leaves on one device; the RNG key) → replicated over it, as global arrays (what a
+    multi-process checkpoint needs); the rest as they are. Values must agree across
+    processes."""
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    def loss_fn(params, rest, mb):
-        model = nnx.merge(graphdef, params, rest)
-        out = model(mb)
-        loss, metrics = losses(out, mb, weights)
-        return loss, (metrics, out.expert_load)
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def one(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, NamedSharding) and s.mesh == mesh:
+            return x
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
 
-    def step(params, rest, opt_state, batch):
-        def micro(acc, mb):
-            (loss, (metrics, load)), grads = grad_fn(params, rest, mb)
-            acc = jax.tree.map(jnp.add, acc, grads)
-            return acc, (metrics, load)
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, (metrics, loads) = jax.lax.scan(micro, zeros, batch)
-        n = batch["tokens"].shape[0]
-        grads = jax.tree.map(lambda g: g / n, grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        metrics = jax.tree.map(lambda m: m.mean(0) if m.dtype.kind == "f" else m.sum(0), metrics)
-        load = loads.mean(0)                                   # [n_moe_layers, E]
-        model = nnx.merge(graphdef, params, rest)
-        if load.shape[0]:
-            update_balance_bias(model, load, balance_rate)
-        _, _, rest = nnx.split(model, nnx.Param, ...)
-        metrics = metrics | {"grad_norm": optax.global_norm(grads), "expert_load": load}
-        return params, rest, opt_state, metrics
-
-    return step
+    return jax.tree.map(one, tree)
 
 
-def make_eval_step(graphdef, weights: LossWeights):
-    def ev(params, rest, batch):
-        return losses(nnx.merge(graphdef, params, rest)(batch), batch, weights)[1]
+def make_mesh_for(cfg):
+    """The recipe's mesh (``parallel.mesh``) over all devices, or the first ``parallel.devices``."""
+    from tml.parallel import make_mesh
 
-    return ev
-
-
-def to_device(batch) -> dict:
-    return {k: jnp.asarray(v) for k, v in batch.as_dict().items()}
-
-
-def _loader(cfg, split: str, batch_rows: int, state=None, shuffle=True):
-    from tml.data_pipelines.loader import ShardLoader
-
-    lc = cfg.loader
-    return ShardLoader(cfg.data.out_dir, split=split, row_length=lc.row_length,
-                       max_patches=lc.max_patches_per_row, batch_size=batch_rows,
-                       align=lc.align, seed=lc.seed, shuffle=shuffle, workers=lc.workers,
-                       process_index=jax.process_index(), process_count=jax.process_count(),
-                       state=state)
+    n = cfg.parallel.devices
+    if n and jax.process_count() > 1:
+        raise ValueError("parallel.devices limits the devices of a single process; leave it 0 "
+                         "in a multi-process run")
+    if n > jax.device_count():
+        raise ValueError(f"parallel.devices={n} but only {jax.device_count()} devices exist")
+    return make_mesh(cfg.parallel.mesh, devices=jax.devices()[:n] if n else None)
 
 
 def ensure_corpus(cfg) -> None:
@@ -124,8 +104,10 @@ def ensure_corpus(cfg) -> None:
 
 def train(cfg) -> dict:
     """Run (or resume) training as configured; returns a summary of the run."""
+    from tml.parallel import create_sharded, shard_batch, state_shardings
     from tml.train.checkpoint import Checkpointer, install_preemption_handler
     from tml.train.distributed import init_distributed
+    from tml.train.global_batch import GlobalBatches, merge_states
     from tml.train.metrics_log import MetricsLogger, measure_matmul_peak_flops, mfu
     from tml.train.optim import learning_rate_at, make_optimizer
 
@@ -135,39 +117,46 @@ def train(cfg) -> dict:
     ensure_corpus(cfg)
     run_dir = Path(tc.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if tc.batch_size % (tc.micro_batches * jax.process_count()):
+    mesh = make_mesh_for(cfg)
+    rules = cfg.parallel.rules
+    if tc.batch_size % tc.micro_batches:
         raise ValueError(f"train.batch_size={tc.batch_size} must be a multiple of "
-                         f"train.micro_batches × processes = {tc.micro_batches * jax.process_count()}")
+                         f"train.micro_batches={tc.micro_batches}")
 
-    model = InteractionModel(cfg.model, rngs=nnx.Rngs(tc.seed))
+    model = create_sharded(lambda: InteractionModel(cfg.model, rngs=nnx.Rngs(tc.seed)), rules, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg.optim)
-    opt_state = tx.init(params)
-    rng = jax.random.key(tc.seed)
+    opt_state = on_mesh(jax.jit(tx.init)(params), mesh)
+    rng = on_mesh(jax.random.key(tc.seed), mesh)     # a global (replicated) array, as checkpoints need
     ckpt = Checkpointer.from_config(cfg.checkpoint, run_dir=run_dir, model_config=cfg.model)
     start, data_state = 0, None
     if tc.resume and ckpt.latest_step() is not None:
-        r = ckpt.restore(model={"params": params, "rest": rest}, opt_state=opt_state, rng=rng)
+        r = ckpt.restore(model={"params": params, "rest": rest}, opt_state=opt_state, rng=rng,
+                         merge_data_states=merge_states)    # onto this run's mesh
         params, rest = r.model["params"], r.model["rest"]
         opt_state, rng, data_state, start = r.opt_state, r.rng, r.data_state, r.step
         print(f"resumed from step {start} in {ckpt.directory}")
 
-    rows = tc.batch_size // jax.process_count()
-    loader = _loader(cfg, "train", rows, state=data_state)
+    loader = GlobalBatches.from_config(cfg, "train", tc.batch_size, state=data_state)
     weights = LossWeights(tc.loss_text, tc.loss_speech, tc.loss_control)
-    step_fn = jax.jit(make_train_step(graphdef, tx, weights, cfg.model.balance_rate),
-                      donate_argnums=(0, 1, 2))
-    eval_fn = jax.jit(make_eval_step(graphdef, weights))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state_sh = (state_shardings(params, rules, mesh), state_shardings(rest, rules, mesh),
+                jax.tree.map(lambda x: x.sharding, opt_state))
+    step_fn = make_train_step(graphdef, tx, weights, cfg.model.balance_rate, micro_batches=tc.micro_batches,
+                              mesh=mesh).jit(state_shardings=state_sh, metrics_sharding=replicated)
+    eval_fn = jax.jit(make_eval_step(graphdef, weights), out_shardings=replicated)
     tokens_per_step = tc.batch_size * cfg.loader.row_length
-    flops_per_step = 6 * count_params(cfg.model)["active"] * tokens_per_step
-    peak = measure_matmul_peak_flops() if tc.measure_peak else 0.0
+    flops_per_step = train_step_flops(cfg.model, rows=tc.batch_size, row_length=cfg.loader.row_length,
+                                      patches_per_row=cfg.loader.max_patches_per_row)
+    # the peak of one device, measured here, times the devices of the run
+    peak = measure_matmul_peak_flops() * jax.device_count() if tc.measure_peak else 0.0
 
     state = {"params": params, "rest": rest, "opt_state": opt_state, "step": start}
     it = iter(loader)
 
     def save(step: int, metrics=None, wait=False):
         ckpt.save(step, model={"params": state["params"], "rest": state["rest"]},
-                  opt_state=state["opt_state"], rng=rng, data_state=loader.state().to_dict(),
+                  opt_state=state["opt_state"], rng=rng, data_state=loader.state(),
                   metrics=metrics, wait=wait)
 
     handler = install_preemption_handler(lambda: save(state["step"], wait=True))
@@ -177,10 +166,10 @@ def train(cfg) -> dict:
     try:
         for step in range(start, tc.steps):
             t0 = time.perf_counter()
-            batch = split_micro(to_device(next(it)), tc.micro_batches)
+            batch = shard_batch(next(it), mesh, rules)
             p, r, o, met = step_fn(state["params"], state["rest"], state["opt_state"], batch)
             state.update(params=p, rest=r, opt_state=o, step=step + 1)
-            met = jax.device_get(met)
+            met = to_host(met)
             dt = time.perf_counter() - t0
             load = met.pop("expert_load")
             out = {k: float(v) for k, v in met.items()}
@@ -192,7 +181,7 @@ def train(cfg) -> dict:
                 out["expert_load_min"] = float(load.min())
             eval_metrics = None
             if tc.eval_every and ((step + 1) % tc.eval_every == 0 or step + 1 == tc.steps):
-                eval_metrics = evaluate(cfg, eval_fn, state, rows)
+                eval_metrics = evaluate(cfg, eval_fn, state, mesh)
                 out |= {f"eval_{k}": v for k, v in eval_metrics.items()}
             if step % cfg.logging.log_every == 0 or eval_metrics:
                 logger.log(step + 1, out)
@@ -206,21 +195,26 @@ def train(cfg) -> dict:
         ckpt.wait_until_finished()
         logger.close()
         handler.uninstall()
-    summary = {"steps": state["step"], "run_dir": str(run_dir)}
+    summary = {"steps": state["step"], "run_dir": str(run_dir),
+               "mesh": {k: int(v) for k, v in dict(mesh.shape).items()}}
     if history:
         keys = [k for k in ("loss", "loss_text", "loss_speech", "loss_control") if k in history[0]]
         summary |= {f"first_{k}": history[0][k] for k in keys} | {f"last_{k}": history[-1][k] for k in keys}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if jax.process_index() == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
-def evaluate(cfg, eval_fn, state, rows: int) -> dict:
-    """Mean eval metrics over the first ``eval_batches`` batches of the held-out split."""
-    loader = _loader(cfg, "eval", rows, shuffle=False)
-    it = iter(loader)
+def evaluate(cfg, eval_fn, state, mesh) -> dict:
+    """Mean eval metrics over the first ``eval_batches`` global batches of the held-out split."""
+    from tml.parallel import shard_batch
+    from tml.train.global_batch import GlobalBatches
+
+    # the held-out split is small: one reader per process, whatever loader.readers says
+    it = iter(GlobalBatches.from_config(cfg, "eval", cfg.train.batch_size, shuffle=False, readers=0))
     acc: dict[str, list] = {}
     for _ in range(cfg.train.eval_batches):
-        met = jax.device_get(eval_fn(state["params"], state["rest"], to_device(next(it))))
+        met = to_host(eval_fn(state["params"], state["rest"], shard_batch(next(it), mesh, cfg.parallel.rules)))
         for k, v in met.items():
             if k.startswith("loss"):
                 acc.setdefault(k, []).append(float(v))
