@@ -17,9 +17,11 @@ run: $(STAMP)          ## main job: pretrain `tiny` on the embedded corpus (buil
 test: $(STAMP)         ## the test suite
 	$(VENV)/bin/pytest -q -n 2
 
-bench: $(STAMP)        ## data and kernel benchmarks (tables + JSON in bench_results/)
+bench: $(STAMP)        ## data, kernel, model and training benchmarks (tables + JSON in bench_results/)
 	$(VENV)/bin/tml data bench
 	$(PY) -m tml.kernels.bench
+	$(PY) -m tml.model.bench
+	$(PY) -m tml.train.bench
 
 setup: $(STAMP)
 
