@@ -13,6 +13,7 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 
 from tml.model.config import ModelConfig
+from tml.parallel.config import ParallelConfig
 from tml.train.checkpoint import CheckpointConfig
 from tml.train.distributed import DistributedConfig
 from tml.train.metrics_log import LoggingConfig
@@ -52,6 +53,8 @@ class LoaderConfig:
     seed: int = 0
     shuffle: bool = True
     workers: int = 0                   # torch DataLoader workers; 0 = in-process
+    readers: int = 0                   # canonical readers of the global batch (tml.train.global_batch);
+    #                                    0 = one per process. Fix it to resume on another process count.
 
 
 @dataclass
@@ -60,6 +63,19 @@ class BenchConfig:
     conversations: int = 64
     loader_batches: int = 120
     model_tokens_per_second: float = 0.0  # tiny model's training consumption; 0 = not known yet
+
+
+@dataclass
+class ClusterConfig:
+    """Where ``tml train`` runs (``recipes/cluster/``), recorded with the run's config.
+
+    Informational only: the launcher's own settings (nodes, tasks per node, GPUs, time
+    limit) live under ``hydra.launcher``, and how processes find each other under
+    ``distributed`` (auto-detected on SLURM and TPU VMs).
+    """
+
+    name: str = "local"                # the recipe: local | submitit_local | slurm | tpu_pod
+    launcher: str = "basic"            # the Hydra launcher it selects
 
 
 @dataclass
@@ -73,6 +89,8 @@ class TmlConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register_configs() -> None:
