@@ -159,3 +159,17 @@ def test_two_processes_train_together_bitwise_like_one(corpus, tmp_path):
     assert [r["process_index"] for r in results] == [0, 1] and results[0]["mesh"]["data"] == 2
     assert one[0]["mesh"]["data"] == 1
     assert _same_bits(_leaves(results[0]["run_dir"]), _leaves(one[0]["run_dir"]))
+
+
+def test_micro_batches_must_split_over_the_data_parallel_ranks():
+    from jax.sharding import AbstractMesh
+
+    from tml.parallel import AXES
+    from tml.train.step import make_train_step
+
+    mesh = AbstractMesh((4, 1, 1, 1), AXES)
+    with pytest.raises(ValueError, match=r"train.micro_batches=2 must be a multiple of the data-parallel degree 4"):
+        make_train_step(None, None, None, 0.0, micro_batches=2, mesh=mesh)
+    with pytest.raises(ValueError, match="does not split into 3 micro-batches"):
+        from tml.train.step import split_micro
+        split_micro({"tokens": np.zeros((4, 8))}, 3)

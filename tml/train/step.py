@@ -116,7 +116,8 @@ def make_train_step(graphdef, tx, weights: LossWeights, balance_rate: float, *,
     d = sizes[DATA_AXIS] if ordered else 1
     if micro_batches % d:
         raise ValueError(f"train.micro_batches={micro_batches} must be a multiple of the data-parallel "
-                         f"degree {d} (each rank computes whole canonical micro-batches)")
+                         f"degree {d} (each rank computes whole canonical micro-batches): set e.g. "
+                         f"train.micro_batches={d}, and keep it fixed to keep the bits across meshes")
 
     def loss_fn(params, rest, mb):
         out = nnx.merge(graphdef, params, rest)(mb)

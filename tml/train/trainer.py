@@ -31,7 +31,7 @@ class TrainerConfig:
 
     steps: int = 300
     batch_size: int = 8                # global rows per step
-    micro_batches: int = 1             # gradient accumulation
+    micro_batches: int = 1             # canonical micro-batches (accumulation); a multiple of the DP degree
     seed: int = 0
     kernel_mode: str = "batch_invariant"
     run_dir: str = "runs/train"
