@@ -14,11 +14,7 @@ from hydra.core.config_store import ConfigStore
 
 from tml.model.config import ModelConfig
 from tml.parallel.config import ParallelConfig
-from tml.train.checkpoint import CheckpointConfig
-from tml.train.distributed import DistributedConfig
-from tml.train.metrics_log import LoggingConfig
-from tml.train.optim import OptimConfig
-from tml.train.trainer import TrainerConfig
+from tml.train.config import CheckpointConfig, DistributedConfig, LoggingConfig, OptimConfig, TrainerConfig
 
 
 @dataclass

@@ -8,54 +8,55 @@
                        (``LoggingConfig``)
 :mod:`.distributed`    ``jax.distributed`` start-up: explicit, SLURM, TPU (``DistributedConfig``)
 =====================  ==================================================================
+
+Configs come from :mod:`tml.train.config` (no JAX); the rest is imported on first use, so
+``import tml.train.config`` (and ``import tml.config``) never starts JAX.
 """
 
-from tml.train.checkpoint import (
+from tml.train.config import (
     CheckpointConfig,
-    CheckpointConfigMismatchError,
-    CheckpointError,
-    Checkpointer,
-    CheckpointSaveError,
-    CheckpointStructureError,
-    NoCheckpointError,
-    PreemptionHandler,
-    Restored,
-    config_fingerprint,
-    install_preemption_handler,
-    with_shardings,
-)
-from tml.train.distributed import (
     DistributedConfig,
-    DistributedInfo,
-    DistributedPlan,
-    init_distributed,
-    plan_distributed,
-)
-from tml.train.metrics_log import (
     LoggingConfig,
-    MetricsLogger,
-    WandbConfig,
-    measure_matmul_peak_flops,
-    mfu,
-    read_metrics,
-)
-from tml.train.optim import (
     OptimConfig,
-    decay_mask,
-    describe_decay,
-    learning_rate_at,
-    lr_schedule,
-    make_optimizer,
+    TrainerConfig,
+    WandbConfig,
 )
 
-__all__ = [
-    "OptimConfig", "make_optimizer", "lr_schedule", "learning_rate_at", "decay_mask",
-    "describe_decay",
-    "Checkpointer", "CheckpointConfig", "Restored", "CheckpointError", "NoCheckpointError",
-    "CheckpointSaveError", "CheckpointConfigMismatchError", "CheckpointStructureError",
-    "config_fingerprint", "with_shardings", "install_preemption_handler", "PreemptionHandler",
-    "MetricsLogger", "LoggingConfig", "WandbConfig", "read_metrics",
-    "measure_matmul_peak_flops", "mfu",
-    "DistributedConfig", "DistributedPlan", "DistributedInfo", "plan_distributed",
-    "init_distributed",
-]
+_LAZY = {
+    "Checkpointer": "tml.train.checkpoint",
+    "Restored": "tml.train.checkpoint",
+    "CheckpointError": "tml.train.checkpoint",
+    "NoCheckpointError": "tml.train.checkpoint",
+    "CheckpointSaveError": "tml.train.checkpoint",
+    "CheckpointConfigMismatchError": "tml.train.checkpoint",
+    "CheckpointStructureError": "tml.train.checkpoint",
+    "config_fingerprint": "tml.train.checkpoint",
+    "with_shardings": "tml.train.checkpoint",
+    "install_preemption_handler": "tml.train.checkpoint",
+    "PreemptionHandler": "tml.train.checkpoint",
+    "DistributedPlan": "tml.train.distributed",
+    "DistributedInfo": "tml.train.distributed",
+    "plan_distributed": "tml.train.distributed",
+    "init_distributed": "tml.train.distributed",
+    "MetricsLogger": "tml.train.metrics_log",
+    "read_metrics": "tml.train.metrics_log",
+    "measure_matmul_peak_flops": "tml.train.metrics_log",
+    "mfu": "tml.train.metrics_log",
+    "make_optimizer": "tml.train.optim",
+    "lr_schedule": "tml.train.optim",
+    "learning_rate_at": "tml.train.optim",
+    "decay_mask": "tml.train.optim",
+    "describe_decay": "tml.train.optim",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
+
+
+__all__ = ["CheckpointConfig", "DistributedConfig", "LoggingConfig", "OptimConfig", "TrainerConfig",
+           "WandbConfig", *_LAZY]

@@ -67,6 +67,7 @@ import jax
 import numpy as np
 
 from tml.train.tree_paths import path_names
+from tml.train.config import CheckpointConfig  # noqa: F401  (re-exported)
 
 FORMAT_VERSION = 1
 ARRAY_ITEMS = ("model", "opt_state", "rng")
@@ -96,19 +97,6 @@ class CheckpointStructureError(CheckpointError):
 
 
 # --------------------------------------------------------------------------- config
-
-
-@dataclass
-class CheckpointConfig:
-    """Checkpoint policy (a Hydra structured config)."""
-
-    dir: str = "checkpoints"        # relative paths are taken under the run directory
-    save_every: int = 1000          # the trainer saves every this many steps (and at the end)
-    keep_last: int = 3              # most recent checkpoints kept (>= 1)
-    keep_best: int = 1              # best checkpoints kept by best_metric (0 = off)
-    best_metric: str = "eval_loss"
-    best_mode: str = "min"          # "min" | "max"
-    async_save: bool = True
 
 
 # --------------------------------------------------------------------------- model-config fingerprint

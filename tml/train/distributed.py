@@ -34,23 +34,12 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
+from tml.train.config import DistributedConfig  # noqa: F401  (re-exported)
 
 MODES = ("auto", "explicit", "slurm", "tpu", "off")
 _SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
 _TPU_WORKER_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "MEGASCALE_COORDINATOR_ADDRESS",
                     "TPU_PROCESS_ADDRESSES", "TPU_ACCELERATOR_TYPE")
-
-
-@dataclass
-class DistributedConfig:
-    """Multi-process start-up (a Hydra structured config)."""
-
-    mode: str = "auto"                          # auto | explicit | slurm | tpu | off
-    coordinator_address: Optional[str] = None   # "host:port" of process 0 (explicit)
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
-    local_device_ids: Optional[list[int]] = None  # devices this process drives (default all)
-    initialization_timeout: int = 300           # seconds to wait for all processes
 
 
 @dataclass(frozen=True)

@@ -29,32 +29,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from tml.train.config import LoggingConfig, WandbConfig  # noqa: F401  (re-exported)
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_MODES = ("offline", "online", "disabled")
-
-
-@dataclass
-class WandbConfig:
-    """wandb settings (a Hydra structured config). Nothing leaves the machine unless
-    ``mode: online``."""
-
-    mode: str = "offline"              # offline | online | disabled
-    project: str = "tml"
-    entity: Optional[str] = None
-    name: Optional[str] = None         # default: the run directory's name
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
-
-
-@dataclass
-class LoggingConfig:
-    """Metrics logging (a Hydra structured config)."""
-
-    log_every: int = 1                 # the trainer logs every this many steps
-    progress_bar: bool = True
-    bar_metrics: list[str] = field(default_factory=lambda: ["loss", "lr", "tokens_per_s", "mfu"])
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def _to_scalar(v: Any) -> Any:

@@ -44,29 +44,7 @@ import jax.numpy as jnp
 import optax
 
 from tml.train.tree_paths import path_names, path_str
-
-DEFAULT_NO_DECAY_PATTERNS: tuple[str, ...] = (
-    r"bias", r"scale", r".*norm.*",
-    r"embed", r"embedding", r"embeddings", r".*_embed", r".*_embedding", r".*_emb",
-    r"wte", r"wpe", r"table", r".*_table",
-)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW + warm-up/cosine schedule + clipping (a Hydra structured config)."""
-
-    lr: float = 3e-4               # peak learning rate, reached at the end of warm-up
-    warmup_steps: int = 100        # linear ramp length (0 = start at the peak)
-    total_steps: int = 10_000      # end of the cosine; the floor is held afterwards
-    min_lr_ratio: float = 0.1      # floor = lr * min_lr_ratio
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1      # decoupled; applied only where decay_mask is True
-    clip_norm: float = 1.0         # global-norm clipping threshold; <= 0 disables it
-    no_decay_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_NO_DECAY_PATTERNS))
-
+from tml.train.config import DEFAULT_NO_DECAY_PATTERNS, OptimConfig  # noqa: F401  (re-exported)
 
 def validate(cfg: OptimConfig) -> None:
     """Raise ``ValueError`` naming the offending ``optim.*`` field."""

@@ -23,25 +23,7 @@ from tml.model.count import train_step_flops
 from tml.model.loss import LossWeights
 from tml.model.model import InteractionModel
 from tml.train.step import make_eval_step, make_train_step, split_micro  # noqa: F401  (re-exported)
-
-
-@dataclass
-class TrainerConfig:
-    """The training loop (``recipes/train/``)."""
-
-    steps: int = 300
-    batch_size: int = 8                # global rows per step
-    micro_batches: int = 1             # canonical micro-batches (accumulation); a multiple of the DP degree
-    seed: int = 0
-    kernel_mode: str = "batch_invariant"
-    run_dir: str = "runs/train"
-    resume: bool = True
-    eval_every: int = 100
-    eval_batches: int = 2
-    loss_text: float = 1.0
-    loss_speech: float = 1.0
-    loss_control: float = 1.0
-    measure_peak: bool = True          # measure the float32 matmul peak for MFU
+from tml.train.config import TrainerConfig  # noqa: F401  (re-exported)
 
 
 def to_host(tree):
