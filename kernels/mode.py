@@ -1,33 +1,37 @@
-"""The kernel-mode switch: ``"batch_invariant"`` (default) or ``"standard"``.
+"""The kernel-mode switch: ``"batch_invariant"`` (default) or ``"standard"``, and the
+batch_invariant implementation choice (``"auto"`` / ``"reference"`` / ``"pallas"``).
 
-Every op in :mod:`tml.kernels` takes an optional ``mode=`` argument. When it is
-``None`` the op uses the *current* mode: the innermost :func:`kernel_mode` override
-if one is active, else the global default set by :func:`set_default_mode`.
+Every op in :mod:`tml.kernels` takes optional ``mode=`` / ``impl=`` arguments. When one
+is ``None`` the op uses the *current* value: the innermost :func:`kernel_mode` /
+:func:`kernel_impl` override if one is active in this thread, else the process-wide
+default set by :func:`set_default_mode` / :func:`set_default_impl`.
 
-The mode is read **at trace time**, in Python. ``jax.jit`` caches a traced
-function by its arguments, not by this global, so a function jitted while the
-mode was ``"standard"`` keeps running the standard kernels after the mode
-changes. Three ways to stay correct:
+Both values live in a ``jax.make_user_context`` context, whose current value is part
+of JAX's tracing, lowering and compilation cache keys. The mode is still read in
+Python while a function is traced, but **a switch re-traces every jitted program** —
+``jax.jit``, ``nnx.jit``, the trainer's :meth:`tml.train.step.TrainStep.jit`, the
+bodies of ``lax.scan`` / ``lax.cond``, ``jax.export`` — so a function jitted under one
+mode can never silently keep running it after the switch. (With a plain global, a
+notebook comparing modes showed ``standard`` perfectly aligned: its second call hit the
+``batch_invariant`` trace in the jit cache.) Switching back finds the first program in
+the cache again; nothing is compiled twice per mode.
 
-* make the mode part of the static configuration of the jitted function
-  (pass ``mode=`` explicitly from a config field that is a static argument), or
-* wrap the function with :func:`mode_aware_jit`, which adds the current mode to
-  the jit cache key (a mode switch re-traces), or
-* call ``jax.clear_caches()`` after switching (blunt, but works).
+The key is the *effective* value, so ``set_default_mode("standard")`` and
+``with kernel_mode("standard")`` share one compiled program. Overrides are
+thread-local (other threads see the default); contexts are created once, at import.
 
 Example::
 
     from tml.kernels import kernel_mode, matmul
-    y = matmul(x, w)                       # batch_invariant (default)
+    f = jax.jit(lambda x, w: matmul(x, w))
+    y = f(x, w)                            # batch_invariant (default)
     with kernel_mode("standard"):
-        y_std = matmul(x, w)               # plain XLA
+        y_std = f(x, w)                    # re-traced: plain XLA
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -37,9 +41,10 @@ Mode = Literal["batch_invariant", "standard"]
 MODES: tuple[str, ...] = ("batch_invariant", "standard")
 BATCH_INVARIANT: Mode = "batch_invariant"
 STANDARD: Mode = "standard"
+IMPLS: tuple[str, ...] = ("auto", "reference", "pallas")
 
-_default_mode: str = BATCH_INVARIANT
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("tml_kernel_mode", default=None)
+_mode = jax.make_user_context(BATCH_INVARIANT)
+_impl = jax.make_user_context("auto")
 
 
 def _check(mode: str) -> str:
@@ -48,20 +53,24 @@ def _check(mode: str) -> str:
     return mode
 
 
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    return impl
+
+
 def set_default_mode(mode: str) -> None:
     """Set the process-wide default mode (used when no :func:`kernel_mode` is active)."""
-    global _default_mode
-    _default_mode = _check(mode)
+    _mode.set_global(_check(mode))
 
 
 def get_default_mode() -> str:
-    return _default_mode
+    return _mode.get_global()
 
 
 def get_mode() -> str:
     """The mode an op uses when called with ``mode=None``."""
-    override = _override.get()
-    return override if override is not None else _default_mode
+    return _mode.value
 
 
 def resolve_mode(mode: str | None) -> str:
@@ -71,62 +80,39 @@ def resolve_mode(mode: str | None) -> str:
 
 @contextlib.contextmanager
 def kernel_mode(mode: str) -> Iterator[str]:
-    """Scoped override: ``with kernel_mode("standard"): ...``. Nests; thread/async safe."""
-    token = _override.set(_check(mode))
-    try:
+    """Scoped override: ``with kernel_mode("standard"): ...``. Nests; thread-local."""
+    with _mode(_check(mode)):
         yield mode
-    finally:
-        _override.reset(token)
 
 
 def mode_aware_jit(fn: Callable[..., Any] | None = None, **jit_kwargs: Any) -> Callable[..., Any]:
-    """``jax.jit`` whose cache key includes the current kernel mode.
-
-    ``mode_aware_jit(f)(*args)`` traces ``f`` under the mode that is current at
-    call time, and re-traces when the mode changes. Extra keyword arguments go to
-    ``jax.jit`` (``static_argnames`` etc.).
-    """
+    """``jax.jit`` (kept for old callers): every jitted program now follows the mode."""
     if fn is None:
-        return functools.partial(mode_aware_jit, **jit_kwargs)
-
-    static_argnames = tuple(jit_kwargs.pop("static_argnames", ())) + ("_tml_kernel_mode",)
-
-    def inner(*args: Any, _tml_kernel_mode: str, **kwargs: Any) -> Any:
-        with kernel_mode(_tml_kernel_mode):
-            return fn(*args, **kwargs)
-
-    jitted = jax.jit(inner, static_argnames=static_argnames, **jit_kwargs)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return jitted(*args, _tml_kernel_mode=get_mode(), **kwargs)
-
-    wrapper.jitted = jitted  # type: ignore[attr-defined]
-    return wrapper
-
-
-# ---------------------------------------------------------------------------
-# Implementation choice for batch_invariant mode: the jnp reference or Pallas.
-# ---------------------------------------------------------------------------
-
-IMPLS: tuple[str, ...] = ("auto", "reference", "pallas")
-_default_impl: str = "auto"
+        return lambda f: jax.jit(f, **jit_kwargs)
+    return jax.jit(fn, **jit_kwargs)
 
 
 def set_default_impl(impl: str) -> None:
-    """``"auto"`` (Pallas on GPU/TPU where a kernel exists, else reference),
-    ``"reference"`` (always the pure-jnp algorithm) or ``"pallas"``."""
-    global _default_impl
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-    _default_impl = impl
+    """The process-wide batch_invariant implementation: ``"auto"`` (Pallas on GPU/TPU
+    where a kernel exists, else reference), ``"reference"`` (always the pure-jnp
+    algorithm) or ``"pallas"``."""
+    _impl.set_global(_check_impl(impl))
+
+
+def get_default_impl() -> str:
+    return _impl.get_global()
+
+
+@contextlib.contextmanager
+def kernel_impl(impl: str) -> Iterator[str]:
+    """Scoped override of the implementation: ``with kernel_impl("pallas"): ...``."""
+    with _impl(_check_impl(impl)):
+        yield impl
 
 
 def resolve_impl(impl: str | None) -> str:
     """Concrete implementation for a batch_invariant op: ``"reference"`` or ``"pallas"``."""
-    impl = _default_impl if impl is None else impl
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
+    impl = _check_impl(_impl.value if impl is None else impl)
     if impl == "auto":
         return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "reference"
     return impl
