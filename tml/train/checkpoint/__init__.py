@@ -24,7 +24,7 @@ One concern per module:
                     atomic saves, async
 :mod:`.storable`    array trees ↔ stored nested dicts (layout, typed keys), restore targets
                     on any mesh, :func:`with_shardings`
-:mod:`.fingerprint` model-config fingerprint and the config guard (no JAX)
+:mod:`.fingerprint` model-config fingerprint and the config guard (pure Python)
 :mod:`.retention`   keep-last / keep-best as Orbax preservation policies
 :mod:`.gather`      every process's loader state, gathered as JSON
 :mod:`.errors`      the error classes and their messages

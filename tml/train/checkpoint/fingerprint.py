@@ -1,4 +1,4 @@
-"""Model-config fingerprint and the config guard (no JAX).
+"""Model-config fingerprint and the config guard (pure Python: the module uses no JAX).
 
 **Config guard.** ``meta`` stores a fingerprint (sha256 of the canonical JSON) of the model
 config and the flattened config itself. Restoring, or saving into a directory whose
