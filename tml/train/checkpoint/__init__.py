@@ -19,16 +19,16 @@ One checkpoint is the directory ``<dir>/<step>/`` holding five Orbax items:
 
 One concern per module:
 
-==================  ======================================================================
-:mod:`.manager`     :class:`Checkpointer` (save / restore / queries), :class:`Restored`;
-                    atomic saves, async
-:mod:`.storable`    array trees ↔ stored nested dicts (layout, typed keys), restore targets
-                    on any mesh, :func:`with_shardings`
-:mod:`.fingerprint` model-config fingerprint and the config guard (pure Python)
-:mod:`.retention`   keep-last / keep-best as Orbax preservation policies
-:mod:`.gather`      every process's loader state, gathered as JSON
-:mod:`.errors`      the error classes and their messages
-==================  ======================================================================
+====================  ====================================================================
+:mod:`.manager`       :class:`Checkpointer` (save / restore / queries), :class:`Restored`;
+                      atomic saves, async
+:mod:`.storable`      array trees ↔ stored nested dicts (layout, typed keys), restore targets
+                      on any mesh, :func:`with_shardings`
+:mod:`.fingerprint`   model-config fingerprint and the config guard (pure Python)
+:mod:`.retention`     keep-last / keep-best as Orbax preservation policies
+:mod:`.gather`        every process's loader state, gathered as JSON
+:mod:`.errors`        the error classes and their messages
+====================  ====================================================================
 """
 
 from tml.train.checkpoint.errors import (
