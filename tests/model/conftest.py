@@ -33,5 +33,6 @@ def forward():
 
 
 @pytest.fixture(scope="session")
-def extend():
-    return nnx.jit(lambda m, c, cache, n: m.extend(c, cache, n))
+def append_chunk():
+    """Jitted ``model(chunk, cache=cache, n_new=n)``: the chunk's Outputs, with the new cache."""
+    return nnx.jit(lambda m, c, cache, n: m(c, cache=cache, n_new=n))

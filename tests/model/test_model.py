@@ -24,7 +24,7 @@ def same_bits(a, b):
     return np.array_equal(bits(a), bits(b))
 
 
-def run_incremental(model, extend, batch, row, seg, sizes, capacity):
+def run_incremental(model, append_chunk, batch, row, seg, sizes, capacity):
     """Feed one segment of a packed row to the cache in chunks of the given sizes (the
     last chunk padded to full size, with ``n_new`` saying how many tokens are real)."""
     idx = np.flatnonzero(np.asarray(batch["segment_ids"][row]) == seg)
@@ -36,7 +36,8 @@ def run_incremental(model, extend, batch, row, seg, sizes, capacity):
         sl = np.r_[idx[i:i + n], np.full(c - n, idx[i + n - 1])]
         chunk = {key: batch[key][row:row + 1, sl] for key in CHUNK_KEYS}
         chunk["patches"] = batch["patches"][row:row + 1]
-        out, cache = extend(model, chunk, cache, jnp.asarray([n], jnp.int32))
+        out = append_chunk(model, chunk, cache, jnp.asarray([n], jnp.int32))
+        cache = out.cache
         text.append(np.asarray(out.text_logits[0, :n]))
         speech.append(np.asarray(out.speech_logits[0, :n]))
         i, k = i + n, k + 1
@@ -46,7 +47,7 @@ def run_incremental(model, extend, batch, row, seg, sizes, capacity):
 @pytest.mark.parametrize("seed,sizes,capacity", [
     (0, [1], 320), (1, [8, 1, 1], 320), (2, [8], 448),
 ])
-def test_incremental_equals_full_rows_bitwise(model, forward, extend, seed, sizes, capacity):
+def test_incremental_equals_full_rows_bitwise(model, forward, append_chunk, seed, sizes, capacity):
     batch = make_batch(seed)
     with kernels.kernel_mode("batch_invariant"):
         full = forward(model, batch)
@@ -54,20 +55,38 @@ def test_incremental_equals_full_rows_bitwise(model, forward, extend, seed, size
         segs = segs[segs > 0]
         assert len(segs) >= 2
         for seg in (segs[0], segs[-1]):  # the first and a later (aligned) segment
-            idx, text, speech = run_incremental(model, extend, batch, 0, seg, sizes, capacity)
+            idx, text, speech = run_incremental(model, append_chunk, batch, 0, seg, sizes, capacity)
             assert same_bits(text, full.text_logits[0, idx])
             assert same_bits(speech, full.speech_logits[0, idx])
 
 
-def test_standard_mode_breaks_incremental_equality(model, extend):
+def test_standard_mode_breaks_incremental_equality(model):
     batch = make_batch(1)
     fwd = nnx.jit(lambda m, b: m(b))  # traced separately under the standard mode
     with kernels.kernel_mode("standard"):
         full = fwd(model, batch)
         seg = int(np.asarray(batch["segment_ids"][0]).max())
-        ext = nnx.jit(lambda m, c, cache, n: m.extend(c, cache, n))
+        ext = nnx.jit(lambda m, c, cache, n: m(c, cache=cache, n_new=n))
         idx, text, _ = run_incremental(model, ext, batch, 0, seg, [1], 320)
     assert not same_bits(text, full.text_logits[0, idx])
+
+
+def test_one_call_serves_rows_and_cache(model, forward, append_chunk):
+    """Full rows return no cache; a chunk returns the cache grown by n_new, its keys
+    written at slots [length, length + n_new); n_new without a cache is refused."""
+    batch = make_batch(0)
+    assert forward(model, batch).cache is None
+    chunk = {key: batch[key][0:1, :8] for key in CHUNK_KEYS} | {"patches": batch["patches"][0:1]}
+    first = append_chunk(model, chunk, KVCache.empty(CFG, 1, 64), jnp.asarray([5], jnp.int32))
+    assert first.cache.k.shape == (CFG.n_layers, 1, 64, CFG.n_kv_heads, CFG.head_dim)
+    assert first.cache.lengths.tolist() == [5]
+    second = append_chunk(model, chunk, first.cache, jnp.asarray([8], jnp.int32))
+    assert second.cache.lengths.tolist() == [13]
+    k1, k2 = np.asarray(first.cache.k), np.asarray(second.cache.k)
+    assert same_bits(k2[:, :, :5], k1[:, :, :5])  # the sessions' slots are never rewritten
+    assert same_bits(k2[0, :, 5:13], k1[0, :, :8])  # layer 0's keys depend on the tokens only
+    with pytest.raises(ValueError, match="pass cache="):
+        model(batch, n_new=jnp.asarray([3], jnp.int32))
 
 
 def perturb_after(batch, row, t):

@@ -8,7 +8,8 @@ from tml.model.config import ModelConfig
 
 _LAZY = {
     "InteractionModel": "tml.model.model",
-    "KVCache": "tml.model.model",
+    "KVCache": "tml.model.kv_cache",
+    "AttentionMask": "tml.model.layers",
     "Outputs": "tml.model.model",
     "losses": "tml.model.loss",
     "LossWeights": "tml.model.loss",

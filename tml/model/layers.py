@@ -6,6 +6,8 @@ model. Parameters carry ``logical_axes`` metadata (mapped to mesh axes from outs
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -48,6 +50,38 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
+class AttentionMask(NamedTuple):
+    """Which keys each query sees: the masking keywords of :func:`tml.kernels.attention`
+    (meaning and shapes in ``kernels/split_kv_attention.py``), built by ``for_rows`` or
+    ``for_cache``. A ``None`` field takes the kernel's default.
+
+    q_positions [B, Tq] KV slot of each query; q_segment_ids [B, Tq];
+    kv_segment_ids [B, Tk]; kv_lengths [B] valid KV slots.
+    """
+
+    q_positions: jax.Array | None
+    q_segment_ids: jax.Array
+    kv_segment_ids: jax.Array
+    kv_lengths: jax.Array | None
+
+    @classmethod
+    def for_rows(cls, segment_ids: jax.Array) -> "AttentionMask":
+        """Packed rows [B, L] attending to themselves: query t sits at slot t and every
+        slot is valid (the kernel defaults, so the training program is unchanged);
+        segments never see each other."""
+        return cls(None, segment_ids, segment_ids, None)
+
+    @classmethod
+    def for_cache(cls, lengths: jax.Array, n_new: jax.Array, chunk: int, capacity: int) -> "AttentionMask":
+        """A chunk of ``chunk`` queries per session written at slots ``[lengths,
+        lengths + chunk)`` of a cache of ``capacity`` slots, of which ``n_new`` [B] are
+        real: keys at slots ``>= lengths + n_new`` (the chunk's padding, older garbage)
+        are invisible. One segment per session."""
+        B = lengths.shape[0]
+        slots = lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None]
+        return cls(slots, jnp.ones((B, chunk), jnp.int32), jnp.ones((B, capacity), jnp.int32), lengths + n_new)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with per-head q/k RMSNorm and rotary positions."""
 
@@ -63,20 +97,21 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
 
-    def project_kv(self, x, positions):
-        """x [B, T, d] → k, v [B, T, Hkv, hd] (k normed and rotated)."""
+    def project_kv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x [B, T, d], positions [B, T] (RoPE) → k, v [B, T, Hkv, hd] (k normed and rotated)."""
         B, T, _ = x.shape
         k = self.k_norm(self.wk(x).reshape(B, T, self.n_kv, self.head_dim))
         v = self.wv(x).reshape(B, T, self.n_kv, self.head_dim)
         return rotary(k, positions, self.theta), v
 
-    def __call__(self, x, positions, k, v, attn: dict) -> jax.Array:
-        """x [B, T, d] queries; k, v [B, Tk, Hkv, hd] the keys they see (the row itself or
-        a cache); ``attn`` holds the kernel's slot/segment/length arguments."""
+    def __call__(self, x: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array,
+                 mask: AttentionMask) -> jax.Array:
+        """x [B, T, d] queries at RoPE positions [B, T]; k, v [B, Tk, Hkv, hd] the keys
+        they may see (the row itself or a cache), ``mask`` which ones → [B, T, d]."""
         B, T, _ = x.shape
         q = self.q_norm(self.wq(x).reshape(B, T, self.n_heads, self.head_dim))
         q = rotary(q, positions, self.theta)
-        o = kernels.attention(q, k, v, sliding_window=self.window, **attn)
+        o = kernels.attention(q, k, v, sliding_window=self.window, **mask._asdict())
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
 

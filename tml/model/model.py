@@ -1,16 +1,18 @@
 """The interaction model: text/control, dMel and hMLP inputs → decoder → text and dMel heads.
 
-One set of modules serves two call paths:
+One call, one layer loop, two uses:
 
 * ``model(batch)`` scores full packed rows (training, trainer-side scoring);
-* ``model.extend(chunk, cache)`` appends a chunk of tokens to an explicit
+* ``model(chunk, cache=cache, n_new=n)`` appends a chunk of tokens to each session's
   :class:`KVCache` (the sampler's prefill of a micro-turn's inputs, then decode one
-  output token at a time) and returns the chunk's outputs and the new cache.
+  output token at a time); ``Outputs.cache`` is the cache after the chunk.
 
-In ``batch_invariant`` kernel mode the two give bitwise-equal logits for every position
-(``tests/model/test_incremental.py``). Batches are dicts of the arrays of
-:class:`tml.stream.PackedRows` (``tokens, modality, positions, segment_ids, dmel,
-patch_index, patches``); patches are uint8 and normalised here.
+The two differ only in the :class:`AttentionMask` and in where a block's keys come from
+(the row itself, or the cache with the chunk's keys written). In ``batch_invariant``
+kernel mode they give bitwise-equal logits for every position
+(``tests/model/test_model.py::test_incremental_equals_full_rows_bitwise``). Batches are
+dicts of the arrays of :class:`tml.stream.PackedRows` (``tokens, modality, positions,
+segment_ids, dmel, patch_index, patches``); patches are uint8 and normalised here.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from flax import nnx
 
 from tml.model.config import ModelConfig
 from tml.model.frontends import DMelEmbedding, HMLPEncoder
-from tml.model.layers import Attention, Linear, RMSNorm, SwiGLU, normal
+from tml.model.kv_cache import KVCache, LayerKV
+from tml.model.layers import Attention, AttentionMask, Linear, RMSNorm, SwiGLU, normal
 from tml.model.moe import MoE
 from tml.stream.layout import Modality
 from tml.vision.patches import CLIP_MEAN, CLIP_STD
@@ -31,33 +34,32 @@ from tml.vision.patches import CLIP_MEAN, CLIP_STD
 N_MODALITIES = len(Modality)
 
 
-class KVCache(NamedTuple):
-    """Per-session keys and values, owned by the sampler.
-
-    k, v: [n_layers, B, capacity, Hkv, hd]; lengths: int32 [B] valid slots per session.
-    """
-
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
-
-    @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32) -> "KVCache":
-        shape = (cfg.n_layers, batch, capacity, cfg.n_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
-
-
 class Outputs(NamedTuple):
     """text_logits [B, T, V]; speech_logits [B, T, n_mels, n_bins]; hidden [B, T, d];
-    expert_load [n_moe_layers, n_experts] fraction of routed slots per expert."""
+    expert_load [n_moe_layers, n_experts] fraction of routed slots per expert;
+    cache: the :class:`KVCache` after the chunk (None for full rows)."""
 
     text_logits: jax.Array
     speech_logits: jax.Array
     hidden: jax.Array
     expert_load: jax.Array
+    cache: KVCache | None = None
+
+
+class BlockOut(NamedTuple):
+    """x [B, T, d] new hidden state; k, v [B, Tk, Hkv, hd] the keys and values attention
+    used (the row's own, or the cache buffer with the chunk written); expert_load [E]
+    (None for a dense block)."""
+
+    x: jax.Array
+    k: jax.Array
+    v: jax.Array
+    expert_load: jax.Array | None
 
 
 class Block(nnx.Module):
+    """One decoder layer: (sliding-window or global) attention, then SwiGLU or MoE."""
+
     def __init__(self, cfg: ModelConfig, sliding: bool, moe: bool, *, rngs: nnx.Rngs, param_dtype):
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.attn = Attention(cfg, sliding, rngs=rngs, param_dtype=param_dtype)
@@ -65,6 +67,23 @@ class Block(nnx.Module):
         self.is_moe = moe
         self.mlp = (MoE(cfg, rngs=rngs, param_dtype=param_dtype) if moe else
                     SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, init_std=cfg.init_std, param_dtype=param_dtype))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, valid: jax.Array,
+                 kv: LayerKV | None = None) -> BlockOut:
+        """Pre-norm attention and MLP/MoE, each with a residual. x [B, T, d]; positions
+        [B, T] (RoPE); valid [B, T] the real tokens (MoE load); kv: this layer's cache,
+        the chunk's keys are written into it and attention reads it (None: the row's own)."""
+        hn = self.attn_norm(x)
+        k, v = self.attn.project_kv(hn, positions)
+        if kv is not None:
+            k, v = kv.write(k, v)
+        x = x + self.attn(hn, positions, k, v, mask)
+        hn = self.mlp_norm(x)
+        if self.is_moe:
+            y, load = self.mlp(hn, valid)
+        else:
+            y, load = self.mlp(hn), None
+        return BlockOut(x + y, k, v, load)
 
 
 class InteractionModel(nnx.Module):
@@ -110,69 +129,40 @@ class InteractionModel(nnx.Module):
         x = jnp.where((modality == Modality.VIDEO)[..., None], vid, x)
         return x + jnp.take(self.modality_embed[...], modality, axis=0).astype(dt)
 
-    def heads(self, h: jax.Array, expert_load: jax.Array) -> Outputs:
+    def heads(self, h: jax.Array, expert_load: jax.Array, cache: KVCache | None) -> Outputs:
         h = self.final_norm(h)
         speech = self.speech_head(h).reshape(*h.shape[:-1], self.cfg.n_mels, self.cfg.n_bins)
-        return Outputs(self.text_head(h), speech, h, expert_load)
+        return Outputs(self.text_head(h), speech, h, expert_load, cache)
 
-    def _mlp(self, block: Block, x: jax.Array, valid: jax.Array, loads: list) -> jax.Array:
-        hn = block.mlp_norm(x)
-        if block.is_moe:
-            y, load = block.mlp(hn, valid)
-            loads.append(load)
-            return x + y
-        return x + block.mlp(hn)
+    # ------------------------------------------------------------------------ the call
+    def __call__(self, batch: dict, cache: KVCache | None = None, n_new: jax.Array | None = None) -> Outputs:
+        """Full packed rows, or a chunk appended to a cache; returns :class:`Outputs`.
 
-    def _stack_loads(self, loads):
-        if not loads:
-            return jnp.zeros((0, max(self.cfg.n_experts, 1)), jnp.float32)
-        return jnp.stack(loads)
-
-    # -------------------------------------------------------------------------- full rows
-    def __call__(self, batch: dict) -> Outputs:
-        """Score full packed rows: every array [B, L, ...]; returns :class:`Outputs`."""
-        x = self.embed(batch)
-        pos, seg = batch["positions"], batch["segment_ids"]
-        attn = dict(q_segment_ids=seg, kv_segment_ids=seg)
-        valid = seg > 0
-        loads: list = []
-        for block in self.blocks:
-            hn = block.attn_norm(x)
-            k, v = block.attn.project_kv(hn, pos)
-            x = x + block.attn(hn, pos, k, v, attn)
-            x = self._mlp(block, x, valid, loads)
-        return self.heads(x, self._stack_loads(loads))
-
-    # ---------------------------------------------------------------------- incremental
-    def extend(self, chunk: dict, cache: KVCache, n_new: jax.Array | None = None) -> tuple[Outputs, KVCache]:
-        """Append a chunk to each session's cache and return the chunk's outputs.
-
-        chunk: arrays [B, C, ...] of the next tokens of each session (the layout's
-        fields; ``positions`` continue each session). n_new: int32 [B] tokens of the chunk
-        that are real for each session (default C); the rest are padding whose outputs
-        are meaningless and whose cache slots are overwritten by the next chunk.
+        batch: the layout's arrays [B, T, ...]. Without ``cache`` these are full rows
+        (``segment_ids`` 0 marks padding). With ``cache`` they are the next T tokens of
+        each session (``positions`` continue it; ``segment_ids`` unused) and n_new int32
+        [B] says how many are real (default T); the rest is padding whose outputs are
+        meaningless and whose cache slots the next chunk overwrites.
         """
-        x = self.embed(chunk)
-        B, C = chunk["tokens"].shape
-        n_new = jnp.full((B,), C, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
-        start = cache.lengths
-        slots = start[:, None] + jnp.arange(C, dtype=jnp.int32)[None]
-        ones = jnp.ones((B, C), jnp.int32)
-        attn = dict(q_positions=slots, q_segment_ids=ones,
-                    kv_segment_ids=jnp.ones(cache.k.shape[1:3], jnp.int32),
-                    kv_lengths=start + n_new)
-        valid = jnp.arange(C)[None] < n_new[:, None]
-        write = jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, axis=0))
+        x = self.embed(batch)
+        B, T = batch["tokens"].shape
+        if cache is None:
+            if n_new is not None:
+                raise ValueError("n_new counts the real tokens of a chunk appended to a cache: pass "
+                                 "cache= too (full rows mark padding with segment_ids 0)")
+            mask = AttentionMask.for_rows(batch["segment_ids"])
+            valid = batch["segment_ids"] > 0
+        else:
+            n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
+            mask = AttentionMask.for_cache(cache.lengths, n_new, T, cache.capacity)
+            valid = jnp.arange(T)[None] < n_new[:, None]
         ks, vs, loads = [], [], []
-        pos = chunk["positions"]
         for i, block in enumerate(self.blocks):
-            hn = block.attn_norm(x)
-            k_new, v_new = block.attn.project_kv(hn, pos)
-            k_all = write(cache.k[i], k_new.astype(cache.k.dtype), start)
-            v_all = write(cache.v[i], v_new.astype(cache.v.dtype), start)
-            ks.append(k_all)
-            vs.append(v_all)
-            x = x + block.attn(hn, pos, k_all, v_all, attn)
-            x = self._mlp(block, x, valid, loads)
-        new_cache = KVCache(jnp.stack(ks), jnp.stack(vs), start + n_new)
-        return self.heads(x, self._stack_loads(loads)), new_cache
+            out = block(x, batch["positions"], mask, valid, None if cache is None else cache.layer(i))
+            x = out.x
+            ks.append(out.k)
+            vs.append(out.v)
+            if out.expert_load is not None:
+                loads.append(out.expert_load)
+        expert_load = jnp.stack(loads) if loads else jnp.zeros((0, max(self.cfg.n_experts, 1)), jnp.float32)
+        return self.heads(x, expert_load, None if cache is None else cache.appended(ks, vs, n_new))
