@@ -87,6 +87,8 @@ def test_one_call_serves_rows_and_cache(model, forward, append_chunk):
     assert same_bits(k2[0, :, 5:13], k1[0, :, :8])  # layer 0's keys depend on the tokens only
     with pytest.raises(ValueError, match="pass cache="):
         model(batch, n_new=jnp.asarray([3], jnp.int32))
+    with pytest.raises(ValueError, match="make the cache larger"):
+        model(chunk, cache=KVCache.empty(CFG, 1, 4))
 
 
 def perturb_after(batch, row, t):

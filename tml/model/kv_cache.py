@@ -28,7 +28,10 @@ class LayerKV(NamedTuple):
 
     def write(self, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
         """k_new, v_new [B, C, Hkv, hd] written at slots ``[start, start + C)`` → the
-        buffers k, v [B, capacity, Hkv, hd] attention reads (cast to the cache dtype)."""
+        buffers k, v [B, capacity, Hkv, hd] attention reads (cast to the cache dtype).
+
+        The caller keeps ``start + C <= capacity``: ``dynamic_update_slice`` clamps the
+        start, so a chunk past the end would overwrite the session's older slots."""
         return (_write_rows(self.k, k_new.astype(self.k.dtype), self.start),
                 _write_rows(self.v, v_new.astype(self.v.dtype), self.start))
 

@@ -153,6 +153,9 @@ class InteractionModel(nnx.Module):
             mask = AttentionMask.for_rows(batch["segment_ids"])
             valid = batch["segment_ids"] > 0
         else:
+            if T > cache.capacity:
+                raise ValueError(f"a chunk of {T} tokens does not fit a cache of {cache.capacity} slots: "
+                                 "make the cache larger (KVCache.empty(..., capacity=))")
             n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
             mask = AttentionMask.for_cache(cache.lengths, n_new, T, cache.capacity)
             valid = jnp.arange(T)[None] < n_new[:, None]
