@@ -39,6 +39,7 @@ import numpy as np
 from tml.stream import (SAMPLES_PER_MICRO_TURN, Conversation, Packer, PackedRows, Tokens, layout,
                         split_at_micro_turns, to_micro_turns)
 from tml.stream.micro_turns import FRAMES_PER_MICRO_TURN, N_MELS
+from tml.stream.packing import ATTENTION_SPLIT, check_align
 from tml.data_pipelines.shards import MANIFEST
 
 
@@ -244,6 +245,22 @@ def _identity(x):
     return x
 
 
+def split_conversations(manifest: dict, split: str) -> int:
+    """How many conversations the corpus holds in ``split`` (0 when it has no such shards)."""
+    return sum(s["conversations"] for s in manifest["shards"] if s["split"] == split)
+
+
+def empty_split_message(data_dir: Path, split: str) -> str:
+    """Why a split cannot be read when it holds no conversation, and what to do."""
+    if split == "eval":
+        fix = ("build the corpus with a held-out split (data.eval_conversations > 0, e.g. "
+               "`tml data build data.eval_conversations=32 ...`), or train without "
+               "evaluation (train.eval_every=0)")
+    else:
+        fix = f"check the corpus build (its rejects.jsonl) and rebuild it with conversations in {split!r}"
+    return f"split {split!r} of {data_dir} has no conversations (0 in its manifest): {fix}"
+
+
 class ShardLoader:
     """Infinite iterator of :class:`PackedRows` batches of ``batch_size`` rows."""
 
@@ -255,7 +272,7 @@ class ShardLoader:
         row_length: int = 1024,
         max_patches: int = 64,
         batch_size: int = 4,
-        align: int = 1,
+        align: int = ATTENTION_SPLIT,
         seed: int = 0,
         shuffle: bool = True,
         workers: int = 0,
@@ -265,8 +282,11 @@ class ShardLoader:
     ):
         self.data_dir = Path(data_dir)
         manifest = read_manifest(self.data_dir)
+        check_align(align, row_length)
         shards = [(s["name"], s["sha256"]) for s in manifest["shards"]
                   if s["split"] == split and s["conversations"] > 0]
+        if not shards:
+            raise ValueError(empty_split_message(self.data_dir, split))
         if len(shards) < process_count:
             raise ValueError(
                 f"split {split!r} of {self.data_dir} has {len(shards)} non-empty shards, fewer than "

@@ -154,3 +154,26 @@ def test_corrupt_shard_is_a_clear_error(tmp_path):
     p.write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match="train-00001.tar.*sha256"):
         batches(loader(tmp_path, shuffle=False, batch_size=8), 3)
+
+
+def test_the_loader_aligns_segments_to_the_attention_split_and_refuses_other_alignments(corpus):
+    """The loader config's literal default (kept so tml.config imports no JAX) is the
+    kernels' split size, the loader's default too; another value fails at construction,
+    naming loader.align and the value to use."""
+    from tml.config import LoaderConfig
+    from tml.kernels import SPLIT_SIZE
+
+    out, _ = corpus
+    assert LoaderConfig().align == SPLIT_SIZE == loader(out).align
+    with pytest.raises(ValueError, match=r"loader.align=1\b.*set loader.align=64"):
+        loader(out, align=1)
+
+
+def test_an_empty_split_says_it_has_no_conversations(corpus):
+    """A corpus built without a held-out split (data.eval_conversations: 0): reading 'eval'
+    names the real cause and the fix, not the shard/process count."""
+    out, _ = corpus
+    with pytest.raises(ValueError, match=r"split 'eval' .* has no conversations.*data.eval_conversations > 0"
+                                         r".*train.eval_every=0") as e:
+        loader(out, split="eval")
+    assert "conversations_per_shard" not in str(e.value)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from stream_fixtures import random_turns
+from tml.kernels import SPLIT_SIZE
 from tml.stream import LossKind, Modality, layout, pack, split_at_micro_turns, unlayout
+from tml.stream.packing import ATTENTION_SPLIT, Packer
 from tml.text import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -110,8 +112,14 @@ def test_packing_segments_positions_and_padding():
         row = rows.row(r)
         pad = row.segment_ids == 0
         assert (row.modality[pad] == Modality.PAD).all() and (row.loss_kind[pad] == 0).all()
-        # padding only at the end of the row
-        assert not pad[: (~pad).sum()].any()
+        # padding only after the last segment and in the gaps before aligned segment starts
+        # (each shorter than the alignment)
+        starts = np.flatnonzero(~pad & (np.r_[-1, row.segment_ids[:-1]] != row.segment_ids))
+        assert starts[0] == 0 and all(int(x) % ATTENTION_SPLIT == 0 for x in starts)
+        ends = [int(np.flatnonzero(row.segment_ids == row.segment_ids[x])[-1]) + 1 for x in starts]
+        assert all(0 <= b - e < ATTENTION_SPLIT for e, b in zip(ends, starts[1:]))
+        assert pad[ends[-1]:].all() and (~pad[:ends[-1]]).sum() == sum(
+            e - b for b, e in zip(starts, ends))
         for s in np.unique(row.segment_ids[~pad]):
             seg = np.flatnonzero(row.segment_ids == s)
             assert np.array_equal(row.positions[seg], np.arange(len(seg)))
@@ -125,7 +133,7 @@ def test_packing_segments_positions_and_padding():
 def test_packing_with_alignment_starts_every_segment_on_a_multiple():
     rng = np.random.default_rng(5)
     convs = [layout(random_turns(rng, int(rng.integers(2, 12)))) for _ in range(8)]
-    rows = pack(convs, row_length=256, max_patches=16, align=32)
+    rows = pack(convs, row_length=256, max_patches=16, align=128)
     starts = []
     for r in range(len(rows)):
         seg = rows.segment_ids[r]
@@ -134,5 +142,18 @@ def test_packing_with_alignment_starts_every_segment_on_a_multiple():
         for s in np.unique(seg[seg > 0]):
             idx = np.flatnonzero(seg == s)
             assert np.array_equal(rows.positions[r][idx], np.arange(len(idx)))
-    assert starts and all(s % 32 == 0 for s in starts)
+    assert starts and all(s % 128 == 0 for s in starts)
     assert (rows.segment_ids > 0).sum() == sum(len(c) for c in convs)
+
+
+def test_packing_aligns_to_the_attention_split_by_default_and_refuses_other_alignments():
+    """Packed rows score bitwise like the sampler only when every segment starts on a
+    multiple of the attention split size: that is the default, and anything else is refused
+    naming the setting and the value to use."""
+    assert ATTENTION_SPLIT == SPLIT_SIZE      # the copy packing keeps to stay JAX-free
+    assert Packer(256, 8).align == ATTENTION_SPLIT
+    for bad in (1, 32, 96):
+        with pytest.raises(ValueError, match=rf"loader.align={bad}\b.*set loader.align=64"):
+            Packer(256, 8, align=bad)
+    with pytest.raises(ValueError, match="loader.row_length"):
+        Packer(320, 8, align=128)

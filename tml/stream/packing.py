@@ -7,10 +7,12 @@ that does not fit in the current row (tokens or patches) closes the row, which i
 with ``<pad>`` (segment 0, no loss). The packer is deterministic: the rows depend only on
 the order of the pieces, which is what makes the loader's state restorable.
 
-``align`` makes every segment start at a multiple of ``align`` (pads in between). With
-``align`` = the attention kernel's KV split size, a segment's key splits line up with
-those of the same conversation alone in a row or in a sampler's KV cache, so packed
-scoring stays bitwise equal to the sampler (see ``tml.kernels`` attention).
+``align`` makes every segment start at a multiple of ``align`` (pads in between). It must
+be a multiple of the attention kernel's KV split size (:data:`ATTENTION_SPLIT`, 64): then a
+segment's key splits line up with those of the same conversation alone in a row or in a
+sampler's KV cache, so packed scoring stays bitwise equal to the sampler (see
+``tml.kernels`` attention). Any other value is refused (:func:`check_align`); the default
+is the split size itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,22 @@ import numpy as np
 from tml.stream.layout import PATCH_SHAPE, Modality, Tokens
 from tml.stream.micro_turns import N_MELS
 from tml.text import ByteTokenizer
+
+#: ``tml.kernels.SPLIT_SIZE``, the keys per attention split: a copy, so that packing (and the
+#: loader's worker processes) do not import JAX; ``tests/test_stream.py`` asserts they agree.
+ATTENTION_SPLIT = 64
+
+
+def check_align(align: int, row_length: int) -> None:
+    """Refuse an ``align`` that would break packed/sampler bitwise scoring, naming the setting."""
+    if align < 1 or align % ATTENTION_SPLIT:
+        raise ValueError(
+            f"loader.align={align}: packed segments must start on multiples of the attention "
+            f"split size {ATTENTION_SPLIT} (tml.kernels.SPLIT_SIZE), else a packed row does not "
+            f"score bitwise like the sampler; set loader.align={ATTENTION_SPLIT}")
+    if row_length % align:
+        raise ValueError(f"loader.align={align} must divide loader.row_length={row_length}: set "
+                         f"loader.row_length to a multiple of {align}")
 
 
 def split_at_micro_turns(seq: Tokens, max_tokens: int, max_patches: int) -> list[Tokens]:
@@ -81,9 +99,9 @@ class Packer:
     """Greedy packer: feed pieces with :meth:`add`, collect finished rows (``Tokens`` of
     exactly ``row_length`` positions, ``max_patches`` patch slots)."""
 
-    def __init__(self, row_length: int, max_patches: int, pad_id: int | None = None, align: int = 1):
-        if align < 1 or row_length % align:
-            raise ValueError(f"align={align} must be >= 1 and divide row_length={row_length}")
+    def __init__(self, row_length: int, max_patches: int, pad_id: int | None = None,
+                 align: int = ATTENTION_SPLIT):
+        check_align(align, row_length)
         self.row_length = row_length
         self.max_patches = max_patches
         self.align = align
@@ -145,7 +163,8 @@ class Packer:
         return row
 
 
-def pack(sequences: list[Tokens], row_length: int, max_patches: int, align: int = 1) -> PackedRows:
+def pack(sequences: list[Tokens], row_length: int, max_patches: int,
+         align: int = ATTENTION_SPLIT) -> PackedRows:
     """Pack whole laid-out conversations into rows (convenience for tests and tools)."""
     packer = Packer(row_length, max_patches, align=align)
     rows: list[Tokens] = []
