@@ -34,8 +34,8 @@ def bench_build(cfg: TmlConfig, workers: int, root: Path) -> dict:
 def bench_loader(cfg: TmlConfig, data_dir: str, workers: int) -> dict:
     lc = cfg.loader
     loader = ShardLoader(data_dir, split="train", row_length=lc.row_length,
-                         max_patches=lc.max_patches_per_row, batch_size=lc.batch_size,
-                         seed=lc.seed, workers=workers)
+                         max_patches=lc.max_patches_per_row, batch_size=cfg.bench.loader_batch_size,
+                         align=lc.align, seed=lc.seed, workers=workers)
     it = iter(loader)
     next(it)  # start-up (worker spawn) is not throughput
     t0 = time.perf_counter()

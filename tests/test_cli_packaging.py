@@ -33,8 +33,25 @@ def test_typo_in_a_key_names_the_key(tmp_path):
 
 
 def test_wrong_type_names_the_key(tmp_path):
-    r = run("data", "summary", "loader.batch_size=many", cwd=tmp_path)
-    assert r.returncode != 0 and "loader.batch_size" in r.stderr + r.stdout
+    r = run("data", "summary", "loader.row_length=many", cwd=tmp_path)
+    assert r.returncode != 0 and "loader.row_length" in r.stderr + r.stdout
+
+
+def test_removed_keys_are_typos(tmp_path):
+    """Rows per batch are train.batch_size (loader.batch_size is gone); where a run executes
+    is the cluster/ group's launcher, not a schema node."""
+    for key in ("loader.batch_size=4", "cluster.name=local"):
+        r = run("data", "summary", key, cwd=tmp_path)
+        assert r.returncode != 0 and key.split("=")[0].split(".")[-1] in r.stderr + r.stdout, key
+
+
+def test_import_tml_config_starts_no_jax():
+    """Composing a recipe is instant: the schema imports no JAX, Flax or Optax (the trainer
+    imports them, and tml.config never imports the trainer)."""
+    r = subprocess.run([sys.executable, "-c", "import sys, tml.config; assert not any("
+                        "m.split('.')[0] in ('jax', 'flax', 'optax') for m in sys.modules)"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_unknown_recipe_option_fails(tmp_path):

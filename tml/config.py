@@ -3,6 +3,14 @@
 Hydra merges the YAML recipes and the command-line overrides onto these dataclasses, so
 an unknown key (a typo) or a value of the wrong type fails at start-up with the full key
 named, before any work starts.
+
+**One source per default**: a dataclass field's default is the value of the default recipe
+(``tml train``); a recipe holds only what differs from it. Where a run executes is not
+part of this schema: the ``cluster/`` recipe group selects the Hydra launcher (and sets
+``distributed``), and Hydra records the choice in the run's ``.hydra/hydra.yaml``
+(``runtime.choices.cluster``).
+
+No JAX here (``tests/test_cli_packaging.py`` checks it): composing a recipe is instant.
 """
 
 from __future__ import annotations
@@ -42,10 +50,13 @@ class LoaderConfig:
     """Shards → packed batches (``recipes/loader/``)."""
 
     split: str = "train"
-    row_length: int = 1024
-    max_patches_per_row: int = 64
-    batch_size: int = 4
-    align: int = 1                     # segment starts on multiples of this (attention split size)
+    row_length: int = 512
+    max_patches_per_row: int = 32
+    # Segments start on multiples of this: a multiple of the attention split size
+    # (tml.kernels.SPLIT_SIZE = 64; a literal here to keep this module JAX-free, and
+    # tests/test_shards_loader.py asserts they agree), else packed scoring is not bitwise
+    # equal to the sampler's and the loader refuses it. Rows per batch: train.batch_size.
+    align: int = 64
     seed: int = 0
     shuffle: bool = True
     workers: int = 0                   # torch DataLoader workers; 0 = in-process
@@ -55,23 +66,13 @@ class LoaderConfig:
 
 @dataclass
 class BenchConfig:
+    """``tml data bench`` (corpus build and loader throughput)."""
+
     out: str = "bench_results/data.json"
     conversations: int = 64
     loader_batches: int = 120
+    loader_batch_size: int = 8            # rows per batch of the loader benchmark
     model_tokens_per_second: float = 0.0  # tiny model's training consumption; 0 = not known yet
-
-
-@dataclass
-class ClusterConfig:
-    """Where ``tml train`` runs (``recipes/cluster/``), recorded with the run's config.
-
-    Informational only: the launcher's own settings (nodes, tasks per node, GPUs, time
-    limit) live under ``hydra.launcher``, and how processes find each other under
-    ``distributed`` (auto-detected on SLURM and TPU VMs).
-    """
-
-    name: str = "local"                # the recipe: local | submitit_local | slurm | tpu_pod
-    launcher: str = "basic"            # the Hydra launcher it selects
 
 
 @dataclass
@@ -86,7 +87,6 @@ class TmlConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register_configs() -> None:

@@ -39,6 +39,11 @@ def _compose(overrides: list[str], hydra_config: bool = False):
         return compose("config", overrides=overrides, return_hydra_config=hydra_config)
 
 
+def _cluster(cfg) -> str:
+    """The ``cluster/`` option Hydra selected (recorded in the run's ``.hydra/hydra.yaml``)."""
+    return cfg.hydra.runtime.choices.cluster
+
+
 def _validated(cfg) -> TmlConfig:
     """The schema's dataclasses from a composed config (its ``hydra`` node dropped)."""
     if "hydra" in cfg:
@@ -59,6 +64,7 @@ def test_the_groups_hold_the_documented_options():
 def test_every_cluster_composes_and_selects_its_launcher(cluster):
     cfg = _compose([f"cluster={cluster}"], hydra_config=True)
     h = cfg.hydra
+    assert _cluster(cfg) == cluster
     assert h.launcher._target_ == LAUNCHERS[cluster]
     submitit = cluster in ("slurm", "submitit_local")
     # submitit launchers only apply to multirun: those recipes turn it on themselves
@@ -67,7 +73,6 @@ def test_every_cluster_composes_and_selects_its_launcher(cluster):
         assert h.launcher.tasks_per_node == h.launcher.gpus_per_node  # one process per GPU
         assert h.launcher.partition is None and h.launcher.signal_delay_s > 0
     cfg = _validated(cfg)
-    assert cfg.cluster.name == cluster
     assert cfg.distributed.mode == ("tpu" if cluster == "tpu_pod" else "auto")
     if cluster == "tpu_pod":
         assert cfg.model.dtype == "bfloat16"
@@ -77,12 +82,13 @@ def test_every_cluster_composes_and_selects_its_launcher(cluster):
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_on_every_cluster(experiment, cluster):
     overrides = [f"+experiment={experiment}"] + ([f"cluster={cluster}"] if cluster else [])
-    cfg = _validated(_compose(overrides))
+    composed = _compose(overrides, hydra_config=True)
     expected = {"tiny_cpu": ("tiny", "local"), "small_gpu_pod": ("small", "slurm"),
                 "tml_interaction_small_tpu": ("tml_interaction_small", "tpu_pod")}[experiment]
+    assert _cluster(composed) == (cluster or expected[1])  # the command line wins
+    cfg = _validated(composed)
     assert cfg.model.name == expected[0]
-    assert cfg.cluster.name == (cluster or expected[1])  # the command line wins
-    assert cfg.optim.total_steps == cfg.train.steps
+    assert cfg.optim.resolved(cfg.train.steps).total_steps == cfg.train.steps  # the cosine ends with the run
     if experiment != "tiny_cpu":
         assert cfg.model.dtype == "bfloat16"
 
@@ -184,6 +190,25 @@ def test_submitit_local_runs_a_tiny_training_job(tmp_path):
     status, job_return = pickle.loads(result.read_bytes())
     assert status == "success" and job_return.status.name == "COMPLETED", job_return
     assert "Job completed successfully" in logs
-    assert OmegaConf.load(sweep / "0" / ".hydra" / "config.yaml").cluster.name == "submitit_local"
+    assert OmegaConf.load(sweep / "0" / ".hydra" / "hydra.yaml").hydra.runtime.choices.cluster == "submitit_local"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2
+
+
+def test_the_default_recipe_is_the_dataclass_defaults():
+    """One source per default: composing the default recipe adds nothing to the schema's
+    dataclass defaults (the model group aside: ``tiny`` is ModelConfig plus its MoE)."""
+    cfg, defaults = _validated(_compose([])), TmlConfig()
+    for name in ("data", "loader", "bench", "train", "optim", "checkpoint", "logging",
+                 "distributed", "parallel"):
+        assert getattr(cfg, name) == getattr(defaults, name), name
+
+
+@pytest.mark.parametrize("group", ["model", "data", "loader", "train", "optim"])
+def test_group_options_hold_only_what_differs_from_the_dataclass(group):
+    schema = type(getattr(TmlConfig(), group))
+    for path in sorted((RECIPES / group).glob("*.yaml")):
+        raw = OmegaConf.to_container(OmegaConf.load(path))
+        raw.pop("defaults", None)
+        same = [k for k, v in raw.items() if v == getattr(schema(), k)]
+        assert not same, f"{path.name} repeats the defaults of {schema.__name__}: {same}"

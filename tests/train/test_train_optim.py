@@ -28,6 +28,22 @@ def test_schedule_warmup_cosine_floor():
     assert learning_rate_at(no_warmup, 10) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_total_steps_zero_is_the_run_length():
+    """``total_steps: 0`` (the default) resolves to ``train.steps``: the cosine ends with the
+    run. A run inside warm-up gets the first learning rates of the same ramp."""
+    cfg = OptimConfig(lr=1.0, warmup_steps=4, min_lr_ratio=0.1)
+    run = cfg.resolved(14)
+    assert cfg.total_steps == 0 and run.total_steps == 14
+    explicit = OptimConfig(lr=1.0, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [learning_rate_at(run, t) for t in range(20)] == [learning_rate_at(explicit, t) for t in range(20)]
+    assert OptimConfig(total_steps=50).resolved(14).total_steps == 50        # explicit wins
+    short = OptimConfig(lr=1.0, warmup_steps=30).resolved(20)               # shorter than warm-up
+    assert short.total_steps == 31
+    long = OptimConfig(lr=1.0, warmup_steps=30, total_steps=300)
+    assert [learning_rate_at(short, t) for t in range(20)] == [learning_rate_at(long, t) for t in range(20)]
+    assert learning_rate_at(cfg, 100) == pytest.approx(1.0)                 # unresolved: no cosine
+
+
 def test_logged_lr_is_the_applied_lr():
     """With b1 = b2 = 0, no clipping or decay, Adam's update of a gradient of 1 is
     -lr * 1 / (1 + eps): the parameter moves by the scheduled lr in every update."""

@@ -1,5 +1,6 @@
-"""The trainer end to end on a tiny corpus: losses fall, runs are deterministic, and
-resuming from a checkpoint continues bitwise identically (raw bits of every parameter)."""
+"""The trainer end to end on a tiny corpus: losses fall, runs are deterministic,
+resuming from a checkpoint continues bitwise identically (raw bits of every parameter),
+and no failure after a completed step loses it."""
 
 import jax
 import pytest
@@ -12,8 +13,9 @@ from trainer_fixtures import (
     with_train,
 )
 
+import tml.train.trainer as trainer_module
 from tml.train.metrics_log import read_metrics
-from tml.train.trainer import train
+from tml.train.trainer import Hook, Trainer, train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -75,3 +77,48 @@ def test_a_different_seed_gives_different_parameters(straight, corpus, tmp_path)
     straight1 = config(corpus, tmp_path / "seed0", steps=1)
     train(straight1)
     assert not same_bits(final_params(other)[1], final_params(straight1)[1])
+
+
+def test_a_corpus_without_held_out_split_trains_without_evaluation(tmp_path, capsys):
+    """``data.eval_conversations: 0`` (the ``data=moshi`` default) with evaluation on: said
+    once at start-up, then every step runs and the final checkpoint is saved."""
+    corpus = build_corpus(tmp_path / "corpus", eval_conversations=0)
+    cfg = config(corpus, tmp_path / "run", steps=3, eval_every=2)
+    summary = train(cfg)
+    out = capsys.readouterr().out
+    assert out.count("evaluation off") == 1 and "no held-out split" in out
+    assert "data.eval_conversations > 0" in out
+    assert summary["steps"] == 3 and final_params(cfg)[0] == 3
+    assert not any(k.startswith("eval_") for r in read_metrics(cfg.train.run_dir) for k in r)
+
+
+def test_a_failing_hook_keeps_the_last_completed_step(corpus, tmp_path):
+    """A hook raising after step 2 (checkpoints every 3): the error leaves train() and the
+    checkpoint of step 2 exists, bitwise the state of a run stopped there."""
+    cfg = config(corpus, tmp_path / "failing")
+
+    def boom(info):
+        raise RuntimeError(f"logger down at step {info.step}")
+
+    t = Trainer(cfg)
+    t.hooks.append(Hook.every(2, boom))
+    with pytest.raises(RuntimeError, match="logger down at step 2"):
+        t.train()
+    step, got = final_params(cfg)
+    stopped = config(corpus, tmp_path / "two", steps=2)
+    train(stopped)
+    assert step == 2 and same_bits(got, final_params(stopped)[1])
+    # and the run resumes from it to the end, as if never interrupted
+    assert train(cfg)["steps"] == STEPS
+
+
+def test_a_failing_evaluation_keeps_the_trained_steps(corpus, tmp_path, monkeypatch):
+    """The user's bug: an error in the final evaluation used to leave checkpoints/ empty."""
+    def broken(*args):
+        raise ValueError("eval split unreadable")
+
+    monkeypatch.setattr(trainer_module, "evaluate", broken)
+    cfg = config(corpus, tmp_path / "evalfail", steps=2, eval_every=100)
+    with pytest.raises(ValueError, match="eval split unreadable"):
+        train(cfg)
+    assert final_params(cfg)[0] == 2

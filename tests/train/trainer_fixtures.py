@@ -25,11 +25,11 @@ MODEL = ModelConfig(name="trainer-test", d_model=32, n_layers=2, n_heads=2, n_kv
 STEPS = 6
 
 
-def build_corpus(out_dir) -> DataConfig:
+def build_corpus(out_dir, eval_conversations: int = 2) -> DataConfig:
     """12 train conversations in 4 shards, 2 held out (about 5 s)."""
     from tml.data_pipelines.build import build_corpus as build
 
-    data = DataConfig(out_dir=str(out_dir), n_conversations=12, eval_conversations=2,
+    data = DataConfig(out_dir=str(out_dir), n_conversations=12, eval_conversations=eval_conversations,
                       conversations_per_shard=3, workers=1)
     build(data, progress=False)
     return data
@@ -45,7 +45,7 @@ def config(corpus: DataConfig, run_dir, steps: int = STEPS, *, mesh: dict | None
                                 "measure_peak": False} | train_kw)),
         optim=OptimConfig(lr=3e-3, warmup_steps=1, total_steps=STEPS),
         checkpoint=CheckpointConfig(dir="ckpt", save_every=3, keep_last=5, keep_best=0, async_save=True),
-        logging=LoggingConfig(progress_bar=False, wandb=WandbConfig(mode="disabled")),
+        logging=LoggingConfig(log_every=1, progress_bar=False, wandb=WandbConfig(mode="disabled")),
         parallel=ParallelConfig(mesh=MeshConfig(**(mesh or {})), devices=devices),
     )
 

@@ -6,7 +6,7 @@
 
 For each model the full recipe is composed with Hydra as ``tml train model=<name>`` composes
 it (model, optimizer, loss weights, loader shapes). The step is the trainer's own:
-``make_train_step(graphdef, make_optimizer(cfg.optim), LossWeights(...), balance_rate,
+``make_train_step(graphdef, make_optimizer(cfg.optim.resolved(train.steps)), LossWeights(...), balance_rate,
 micro_batches=...)``,
 jitted as the trainer runs it (``TrainStep.jit``: gradients and update as two programs, the
 state donated), fed a packed batch of the loader's keys and dtypes
@@ -88,7 +88,8 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
     from tml.model.loss import LossWeights
     from tml.model.model import InteractionModel
     from tml.train.optim import make_optimizer
-    from tml.train.trainer import make_train_step
+    from tml.train.state import TrainState
+    from tml.train.step import make_train_step
 
     cfg = compose_recipe([f"model={name}"])
     tc = cfg.train
@@ -104,7 +105,7 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
     t = time.perf_counter()
     model = InteractionModel(cfg.model, rngs=nnx.Rngs(seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(cfg.optim)
+    tx = make_optimizer(cfg.optim.resolved(tc.steps))
     weights = LossWeights(tc.loss_text, tc.loss_speech, tc.loss_control)
     init_s = time.perf_counter() - t
     log(f"[{name}] {counts['total'] / 1e6:.1f}M params ({counts['active'] / 1e6:.1f}M active), "
@@ -113,12 +114,12 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
 
     runs = {}
     for mode in MODES:
-        state = [_copy(params), _copy(rest)]
-        state.append(tx.init(state[0]))
+        p = _copy(params)
+        state = TrainState.create(p, _copy(rest), tx.init(p), jax.random.key(seed))
         step = make_train_step(graphdef, tx, weights, cfg.model.balance_rate, micro_batches=micro).jit()
         with kernels.kernel_mode(mode):
             t = time.perf_counter()
-            *state, met = step(*state, batch)      # compiles both programs, then runs
+            state, met, _ = step(state, batch)      # compiles both programs, then runs
             jax.device_get(met)
             compile_s = first_s = time.perf_counter() - t
         compiled = step
@@ -133,7 +134,7 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
             run = runs[mode]
             t = time.perf_counter()
             for _ in range(steps):
-                *run["state"], met = run["fn"](*run["state"], batch)
+                run["state"], met, _ = run["fn"](run["state"], batch)
                 jax.device_get(met)
             run["samples_s"].append((time.perf_counter() - t) / steps)
             run["loss"] = float(met["loss"])

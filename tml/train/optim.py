@@ -19,6 +19,11 @@ and floor ``lr * min_lr_ratio``, for the update that produces step ``t + 1`` fro
 * ``W <= t < T``: cosine from ``lr`` down to the floor over ``T - W`` updates;
 * ``t >= T``: the floor.
 
+``total_steps: 0`` (the default) means the run's length: :meth:`OptimConfig.resolved` turns
+it into ``train.steps`` (the trainer resolves it once at start-up, and logs the learning
+rate of that resolved schedule). Left unresolved, ``0`` has no cosine: the peak is held
+after warm-up.
+
 **Weight-decay mask** (:func:`decay_mask`), decided per parameter from its rank and its
 path in the parameter tree (the attribute / dict-key names from the root, for example
 ``blocks/0/attn/wq/w``):
@@ -53,9 +58,9 @@ def validate(cfg: OptimConfig) -> None:
         problems.append(f"optim.lr must be > 0, got {cfg.lr}")
     if cfg.warmup_steps < 0:
         problems.append(f"optim.warmup_steps must be >= 0, got {cfg.warmup_steps}")
-    if cfg.total_steps <= cfg.warmup_steps:
+    if cfg.total_steps and cfg.total_steps <= cfg.warmup_steps:
         problems.append(f"optim.total_steps ({cfg.total_steps}) must be > optim.warmup_steps "
-                        f"({cfg.warmup_steps})")
+                        f"({cfg.warmup_steps}), or 0 (= train.steps)")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         problems.append(f"optim.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
     if not (0.0 <= cfg.b1 < 1.0 and 0.0 <= cfg.b2 < 1.0):
@@ -80,6 +85,8 @@ def lr_schedule(cfg: OptimConfig) -> optax.Schedule:
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)
         ramp = peak * (t + 1.0) / max(warm, 1)
+        if not total:               # unresolved 0: no cosine, the peak after warm-up
+            return jnp.where(t < warm, ramp, jnp.float32(peak))
         progress = jnp.clip((t - warm) / (total - warm), 0.0, 1.0)
         cosine = floor + 0.5 * (peak - floor) * (1.0 + jnp.cos(jnp.pi * progress))
         return jnp.where(t < warm, ramp, cosine)

@@ -43,6 +43,7 @@ from jax.sharding import PartitionSpec as P
 from tml import kernels
 from tml.model.loss import LossWeights, losses
 from tml.model.moe import update_balance_bias
+from tml.train.state import StepOutput, TrainState
 
 DATA_AXIS = "data"
 
@@ -101,13 +102,13 @@ def tree_accumulate(fn: Callable, xs, *, mode: str | None = None):
 
 def make_train_step(graphdef, tx, weights: LossWeights, balance_rate: float, *,
                     micro_batches: int = 1, mesh=None):
-    """The training step, a :class:`TrainStep`: ``(params, rest, opt_state, batch [B, ...])
-    → (params, rest, opt_state, metrics)``.
+    """The training step, a :class:`TrainStep`: ``(TrainState, batch [B, ...]) → StepOutput``
+    (the new state, the metrics, the expert load).
 
     ``mesh``: a :func:`tml.parallel.make_mesh` mesh (``None`` = one device); the batch is
     split over its ``data`` axis, which must divide ``micro_batches``. Metrics: per-kind
-    losses and token counts (means / sums over micro-batches), ``grad_norm`` and
-    ``expert_load`` [n_moe_layers, E].
+    losses and token counts (means / sums over micro-batches) and ``grad_norm``; the MoE
+    expert load [n_moe_layers, E] (mean over micro-batches) comes beside them.
     """
     sizes = {} if mesh is None else {a: int(n) for a, n in dict(mesh.shape).items()}
     # Ordered data parallelism needs the data axis manual (shard_map); with other axes
@@ -146,11 +147,11 @@ def make_train_step(graphdef, tx, weights: LossWeights, balance_rate: float, *,
                                    out_specs=(P(), P()), axis_names={DATA_AXIS}, check_vma=False)
 
     def gradients(params, rest, batch):
-        """→ (summed gradient / micro_batches, metrics incl. ``expert_load``), replicated."""
+        """→ (summed gradient / micro_batches, metrics, expert load [n_moe_layers, E]), replicated."""
         grads, (metrics, loads) = rank_grads(params, rest, batch)
         grads = jax.tree.map(lambda g: g / micro_batches, grads)
         metrics = jax.tree.map(lambda m: m.mean(0) if m.dtype.kind == "f" else m.sum(0), metrics)
-        return grads, metrics | {"expert_load": loads.mean(0)}      # [n_moe_layers, E]
+        return grads, metrics, loads.mean(0)
 
     def update(params, rest, opt_state, grads, load):
         """AdamW on the gradient, then the MoE balance bias → (params, rest, opt_state, grad_norm)."""
@@ -166,40 +167,42 @@ def make_train_step(graphdef, tx, weights: LossWeights, balance_rate: float, *,
 
 
 class TrainStep:
-    """``step(params, rest, opt_state, batch) → (params, rest, opt_state, metrics)``.
+    """``step(state: TrainState, batch) → StepOutput(state, metrics, expert_load)``.
 
-    Two pure stages, :attr:`gradients` (forward/backward over the micro-batches and the
-    data-parallel sum) and :attr:`update` (AdamW, the MoE balance bias). Calling the
-    object runs both in one program, e.g. under ``jax.jit``. :meth:`jit` compiles them as
-    **two** programs instead, which is what the trainer runs: XLA fuses the optimizer's
-    elementwise arithmetic into whatever produced the gradient, and LLVM contracts
-    multiply-adds into FMAs (one rounding, not two) differently in differently fused
-    programs, so an update fused into a data-parallel program did not round like the
-    one-device update of the same gradient. Compiled alone, the update's program is
-    the same for every data-parallel degree (replicated state), and so are its bits.
+    Two pure stages on arrays, :attr:`gradients` ``(params, rest, batch) → (grads, metrics,
+    expert_load)`` (forward/backward over the micro-batches and the data-parallel sum) and
+    :attr:`update` ``(params, rest, opt_state, grads, expert_load) → (params, rest,
+    opt_state, grad_norm)`` (AdamW, the MoE balance bias). Calling the object runs both in
+    one program, e.g. under ``jax.jit``. :meth:`jit` compiles them as **two** programs
+    instead, which is what the trainer runs: XLA fuses the optimizer's elementwise
+    arithmetic into whatever produced the gradient, and LLVM contracts multiply-adds into
+    FMAs (one rounding, not two) differently in differently fused programs, so an update
+    fused into a data-parallel program did not round like the one-device update of the
+    same gradient. Compiled alone, the update's program is the same for every
+    data-parallel degree (replicated state), and so are its bits.
     """
 
     def __init__(self, gradients, update):
         self.gradients, self.update = gradients, update
 
-    def __call__(self, params, rest, opt_state, batch):
-        grads, metrics = self.gradients(params, rest, batch)
-        params, rest, opt_state, norm = self.update(params, rest, opt_state, grads, metrics["expert_load"])
-        return params, rest, opt_state, metrics | {"grad_norm": norm}
+    @staticmethod
+    def _step(gradients, update, state: TrainState, batch) -> StepOutput:
+        grads, metrics, load = gradients(state.params, state.rest, batch)
+        params, rest, opt_state, norm = update(state.params, state.rest, state.opt_state, grads, load)
+        new = state.replace(params=params, rest=rest, opt_state=opt_state, step=state.step + 1)
+        return StepOutput(new, metrics | {"grad_norm": norm}, load)
+
+    def __call__(self, state: TrainState, batch) -> StepOutput:
+        return self._step(self.gradients, self.update, state, batch)
 
     def jit(self, *, state_shardings=None, metrics_sharding=None):
-        """The two stages jitted (the update donates the old state); same signature."""
+        """The two stages jitted (the update donates the old params, rest and optimizer
+        state); same signature. ``state_shardings``: (params, rest, opt_state) shardings."""
         grads_fn = jax.jit(self.gradients, out_shardings=None if metrics_sharding is None
-                           else (metrics_sharding, metrics_sharding))
+                           else (metrics_sharding,) * 3)
         out = None if state_shardings is None else (*state_shardings, metrics_sharding)
         update_fn = jax.jit(self.update, donate_argnums=(0, 1, 2), out_shardings=out)
-
-        def step(params, rest, opt_state, batch):
-            grads, metrics = grads_fn(params, rest, batch)
-            params, rest, opt_state, norm = update_fn(params, rest, opt_state, grads, metrics["expert_load"])
-            return params, rest, opt_state, metrics | {"grad_norm": norm}
-
-        return step
+        return lambda state, batch: self._step(grads_fn, update_fn, state, batch)
 
 
 def make_eval_step(graphdef, weights: LossWeights):
