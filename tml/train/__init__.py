@@ -7,6 +7,7 @@
 :mod:`.metrics_log`    JSONL + wandb (offline by default) + progress bar; matmul peak, MFU
                        (``LoggingConfig``)
 :mod:`.distributed`    ``jax.distributed`` start-up: explicit, SLURM, TPU (``DistributedConfig``)
+:mod:`.state`          ``TrainState`` (params, rest, opt_state, rng, step) and ``StepOutput``
 =====================  ==================================================================
 
 Configs come from :mod:`tml.train.config` (no JAX); the rest is imported on first use, so
@@ -32,8 +33,10 @@ _LAZY = {
     "CheckpointStructureError": "tml.train.checkpoint",
     "config_fingerprint": "tml.train.checkpoint",
     "with_shardings": "tml.train.checkpoint",
-    "install_preemption_handler": "tml.train.checkpoint",
-    "PreemptionHandler": "tml.train.checkpoint",
+    "install_preemption_handler": "tml.train.preemption",
+    "PreemptionHandler": "tml.train.preemption",
+    "TrainState": "tml.train.state",
+    "StepOutput": "tml.train.state",
     "DistributedPlan": "tml.train.distributed",
     "DistributedInfo": "tml.train.distributed",
     "plan_distributed": "tml.train.distributed",
