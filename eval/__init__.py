@@ -8,6 +8,11 @@ RL); :func:`aggregate` turns lists of those into per-task means for ``eval.json`
 
 * ``tml.eval.fdb_v1``: Full-Duplex-Bench v1 (pause handling, smooth turn-taking,
   backchannel, user interruption), parity-tested against FD-bench's own code.
+* ``tml.eval.overlap``: FD-bench v1.5-style overlap behaviours (stop / continue /
+  resume / respond, stop and response latency) by a documented rule, and FD-bench
+  v1.5's timing intervals.
+* ``tml.eval.tasks``: TimeSpeak, CueSpeak and RepCount-style scorers.
+* ``tml.eval.aggregate``: per-task means, skipping undefined (``None``) values.
 """
 
 from tml.eval.aggregate import aggregate, summarize
@@ -22,6 +27,8 @@ from tml.eval.fdb_v1 import (
     took_turn,
     user_interruption,
 )
+from tml.eval.overlap import merge_segments, normalise, overlap_behaviour, overlap_behaviours, timing_intervals
+from tml.eval.tasks import content_matches, cue_speak, rep_count, spoken_numbers, time_speak
 from tml.eval.timeline import (
     MICRO_TURN_S,
     OVERLAP_KINDS,
@@ -41,5 +48,7 @@ __all__ = [
     "SpeakRequest", "Timeline", "TimelineError", "Word",
     "ICC_REFERENCE_SOURCE", "backchannel", "backchannel_jsd", "interruption_end", "load_backchannel_reference",
     "pause_handling", "smooth_turn_taking", "took_turn", "user_interruption",
+    "merge_segments", "normalise", "overlap_behaviour", "overlap_behaviours", "timing_intervals",
+    "content_matches", "cue_speak", "rep_count", "spoken_numbers", "time_speak",
     "aggregate", "summarize",
 ]

@@ -66,7 +66,9 @@ MICRO_TURNS_PER_S = 5
 OVERLAP_KINDS = ("user_interruption", "user_backchannel", "talking_to_others", "background_speech")
 """The Full-Duplex-Bench v1.5 overlap scenarios an :class:`OverlapEvent` can be."""
 
-_BOUNDARY_EPS_S = 1e-9
+BOUND_SLACK_S = 1e-9
+"""Slack for float rounding at time bounds (1 ns): a time this close to a micro-turn boundary
+belongs to the later micro-turn, and scorers' inclusive windows accept it."""
 
 
 class TimelineError(ValueError):
@@ -211,7 +213,7 @@ class Timeline:
     def micro_turn_at(self, time: float) -> int:
         """Index of the micro-turn containing ``time`` (a time within 1 ns of a boundary
         belongs to the later micro-turn), clipped to ``[0, n_micro_turns - 1]``."""
-        t = math.floor(time * MICRO_TURNS_PER_S + _BOUNDARY_EPS_S)
+        t = math.floor(time * MICRO_TURNS_PER_S + BOUND_SLACK_S)
         return min(max(t, 0), self.n_micro_turns - 1)
 
     # ------------------------------------------------------------------ JSON
