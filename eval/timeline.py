@@ -312,21 +312,19 @@ class Timeline:
         return v
 
     def _bools(self, values: Sequence[Any]) -> list[bool]:
-        if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not hasattr(values, "tolist"):
+        if isinstance(values, (str, bytes)):
             raise TimelineError(f"timeline {self.sample_id!r}, field model_speaking: expected a sequence of bools")
-        values = values.tolist() if hasattr(values, "tolist") else list(values)
+        values = values.tolist() if hasattr(values, "tolist") else list(values)  # numpy arrays too
         if not values:
             raise TimelineError(
                 f"timeline {self.sample_id!r}, field model_speaking: empty; it needs one entry per micro-turn"
             )
-        out = []
         for i, v in enumerate(values):
-            if v not in (0, 1, True, False) or isinstance(v, float) and not v.is_integer():
+            if isinstance(v, str) or v not in (0, 1):
                 raise TimelineError(
                     f"timeline {self.sample_id!r}, field model_speaking[{i}]: {v!r} is not a bool (or 0/1)"
                 )
-            out.append(bool(v))
-        return out
+        return [bool(v) for v in values]
 
     def _intervals(self, field_name: str, values: Sequence[Any]) -> list[Interval]:
         out: list[Interval] = []
