@@ -6,13 +6,19 @@ row's result never depend on how many other rows, query chunks, tokens or
 tensor-parallel ranks shared the computation; ``standard`` is plain XLA.
 
     from tml.kernels import matmul, rms_norm, attention, kernel_mode
-    y = matmul(x, w)                        # batch_invariant
+    f = jax.jit(lambda x, w: matmul(x, w))
+    y = f(x, w)                             # batch_invariant
     with kernel_mode("standard"):
-        y_std = matmul(x, w)
+        y_std = f(x, w)                     # the same jitted function, re-traced
 
-The mode is read at trace time; see :mod:`tml.kernels.mode` for jit caching
-(:func:`mode_aware_jit`). Pallas versions of matmul, RMSNorm and attention live in
-:mod:`tml.kernels.pallas` (used automatically on GPU/TPU, interpreted on CPU in tests).
+The mode (and ``impl``) is part of JAX's jit cache key, so every jitted program
+follows a switch (:mod:`tml.kernels.mode`). Pallas versions of matmul, RMSNorm and
+attention live in :mod:`tml.kernels.pallas` (used automatically on GPU/TPU,
+interpreted on CPU in tests).
+
+Imports go one way: API modules (``tiled_matmul``, ``reductions``,
+``split_kv_attention``, ``moe``, ``collectives``) -> backends (``pallas/*``) -> shared
+pieces (``split_kv``, ``tiling``); a backend never imports an API module.
 """
 
 from .collectives import (
@@ -30,6 +36,8 @@ from .mode import (
     STANDARD,
     get_default_mode,
     get_mode,
+    get_default_impl,
+    kernel_impl,
     kernel_mode,
     mode_aware_jit,
     resolve_mode,
@@ -40,7 +48,7 @@ from .moe import moe_ffn, route_topk
 from .reductions import log_softmax, logsumexp, rms_norm, softmax
 from .split_kv_attention import attention
 from .tiled_matmul import linear, matmul
-from .tiling import K_CHUNK, ROW_TILE, SPLIT_SIZE, pairwise_sum, rounded, sequence_tree
+from .tiling import K_CHUNK, ROW_TILE, SPLIT_SIZE, ordered_sum, pairwise_sum, rounded, sequence_tree
 
 __all__ = [
     "BATCH_INVARIANT",
@@ -52,8 +60,10 @@ __all__ = [
     "all_reduce_chunks",
     "attention",
     "chunked_linear",
+    "get_default_impl",
     "get_default_mode",
     "get_mode",
+    "kernel_impl",
     "kernel_mode",
     "linear",
     "log_softmax",
@@ -63,6 +73,7 @@ __all__ = [
     "moe_ffn",
     "one_shot_all_reduce",
     "ordered_all_reduce",
+    "ordered_sum",
     "pairwise_sum",
     "rounded",
     "sequence_tree",

@@ -59,8 +59,8 @@ from jax import lax
 
 from .mode import resolve_mode
 from .reductions import softmax
-from .tiled_matmul import _chunked_dot, gemv_matches_gemm, matmul
-from .tiling import K_CHUNK, ROW_TILE, lane_padded, pairwise_sum, round_up, rounded
+from .tiled_matmul import chunked_dot, gemv_matches_gemm, matmul
+from .tiling import K_CHUNK, ROW_TILE, lane_padded, ordered_sum, pairwise_sum, round_up, rounded
 
 GEMV_MAX_ASSIGNMENTS = 4  # gathering each assignment's expert weights only pays off for a few
 
@@ -217,10 +217,7 @@ def _dispatch_fwd(x, slot_token, assign_slot, k):
 def _dispatch_bwd(k, res, g):
     assign_slot, T = res
     per_slot = g[assign_slot.reshape(T, k)]  # [T, k, D]
-    dx = per_slot[:, 0]
-    for j in range(1, k):
-        dx = dx + per_slot[:, j]
-    return dx, None, None
+    return ordered_sum(per_slot, 1), None, None
 
 
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -281,11 +278,7 @@ def _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_
 
     _, ys = lax.scan(body, None, (jnp.arange(n_tiles), xs_t, ws_t, plan["tile_expert"]))
     ys = ys.reshape(n_tiles * row_tile, D)
-    per = ys[plan["assign_slot"]].reshape(T, k, D)
-    out = per[:, 0]
-    for j in range(1, k):
-        out = out + per[:, j]
-    return out
+    return ordered_sum(ys[plan["assign_slot"]].reshape(T, k, D), 1)  # slot order
 
 
 def _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk):
@@ -293,14 +286,11 @@ def _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk):
     D = x.shape[1]
     flat = experts.reshape(-1)
     xa = jnp.repeat(x, k, axis=0)[:, None, :]  # [A, 1, D]
-    g = _chunked_dot(xa, w_gate[flat], k_chunk, batched=True)
-    u = _chunked_dot(xa, w_up[flat], k_chunk, batched=True)
+    g = chunked_dot(xa, w_gate[flat], k_chunk, batched=True)
+    u = chunked_dot(xa, w_up[flat], k_chunk, batched=True)
     h = activation(g) * u * weights.reshape(-1, 1, 1).astype(jnp.float32)
-    y = _chunked_dot(h, w_down[flat], k_chunk, batched=True)[:, 0].reshape(T, k, D)
-    out = y[:, 0]
-    for j in range(1, k):
-        out = out + y[:, j]
-    return out
+    y = chunked_dot(h, w_down[flat], k_chunk, batched=True)[:, 0].reshape(T, k, D)
+    return ordered_sum(y, 1)  # slot order
 
 
 def _standard(x, experts, weights, w_gate, w_up, w_down, activation):

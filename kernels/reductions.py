@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .mode import resolve_impl, resolve_mode
+from .pallas.rms_norm_kernel import rms_norm as pallas_rms_norm
 from .tiling import lane_padded, pairwise_sum, upcast
 
 # ---------------------------------------------------------------------------
@@ -51,8 +52,6 @@ def rms_norm_reference(x: jax.Array, weight: jax.Array | None, eps: float) -> ja
 
 def _rms_forward(x, weight, eps, impl):
     if impl == "pallas":
-        from .pallas.rms_norm_kernel import rms_norm as pallas_rms_norm
-
         return pallas_rms_norm(x, weight, eps=eps)
     return rms_norm_reference(x, weight, eps)
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .mode import resolve_impl, resolve_mode
+from .pallas.matmul_kernel import matmul as pallas_matmul
 from .tiling import K_CHUNK, ROW_TILE, chunk_bounds, pad_axis, round_up, upcast
 
 _HIGHEST = lax.Precision.HIGHEST
@@ -58,12 +59,22 @@ def gemv_matches_gemm(n_cols: int, k_chunk: int) -> bool:
     return n_cols % GEMV_COLS_MULTIPLE == 0 and k_chunk <= 512
 
 
-def _chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int, batched: bool) -> jax.Array:
-    """x [(B,) Mp, K] @ w [(B,) K, N] in canonical K chunks, float32 result.
+def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: bool = False) -> jax.Array:
+    """``x @ w`` with the contraction in canonical chunks, float32 result; no row padding.
 
-    Chunk products are added left to right. In the 2-D case the whole chunks run as
-    one GEMM batched over the chunk index (``w`` reshaped to [C, k_chunk, N], no copy
-    of the weights) — the same per-chunk GEMMs, fewer weight copies than slicing.
+    x [M, K] @ w [K, N] -> [M, N], or with ``batched=True`` x [B, M, K] @ w [B, K, N]
+    -> [B, M, N]. The contraction is cut into chunks of ``k_chunk`` (the last one
+    shorter), each chunk product is one float32 GEMM at HIGHEST precision, and the chunk
+    products are added left to right. bf16 operands are upcast (exact).
+
+    This is the inner step of :func:`matmul` (which first pads rows to whole
+    ``ROW_TILE`` tiles so that every GEMM takes the same accumulation path); call it
+    directly only where the row count is already canonical, or for the MoE one-row GEMV
+    path, whose bits match the tiled GEMM only under :func:`gemv_matches_gemm`.
+
+    In the 2-D case the whole chunks run as one GEMM batched over the chunk index (``w``
+    reshaped to [C, k_chunk, N], no copy of the weights) — the same per-chunk GEMMs,
+    fewer weight copies than slicing.
     """
     x, w = upcast(x), upcast(w)
     K = x.shape[-1]
@@ -88,7 +99,7 @@ def _chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int, batched: bool) -> jax
             )
         )
     acc = parts[0]
-    for part in parts[1:]:
+    for part in parts[1:]:  # left to right (a list of differently shaped slices' products)
         acc = acc + part
     return acc
 
@@ -97,20 +108,18 @@ def _reference_2d(x: jax.Array, w: jax.Array, row_tile: int, k_chunk: int) -> ja
     """x [M, K] @ w [K, N] -> float32 [M, N], rows padded to whole tiles."""
     M = x.shape[0]
     xp = pad_axis(x, 0, round_up(max(M, 1), row_tile))
-    return _chunked_dot(xp, w, k_chunk, batched=False)[:M]
+    return chunked_dot(xp, w, k_chunk)[:M]
 
 
 def _reference_batched(x: jax.Array, w: jax.Array, row_tile: int, k_chunk: int) -> jax.Array:
     """x [B, M, K] @ w [B, K, N] -> float32 [B, M, N]."""
     M = x.shape[1]
     xp = pad_axis(x, 1, round_up(max(M, 1), row_tile))
-    return _chunked_dot(xp, w, k_chunk, batched=True)[:, :M]
+    return chunked_dot(xp, w, k_chunk, batched=True)[:, :M]
 
 
 def _forward_2d(x, w, row_tile, k_chunk, impl):
     if impl == "pallas":
-        from .pallas.matmul_kernel import matmul as pallas_matmul
-
         return pallas_matmul(x, w, block_m=row_tile, k_chunk=k_chunk, out_dtype=jnp.float32)
     return _reference_2d(x, w, row_tile, k_chunk)
 

@@ -152,6 +152,23 @@ def sequence_tree(parts: Sequence[jax.Array]) -> jax.Array:
     return parts[0]
 
 
+def ordered_sum(x: jax.Array, axis: int) -> jax.Array:
+    """Sum over ``axis`` strictly left to right: ``((x0 + x1) + x2) + ...``.
+
+    x: [..., n, ...] -> [..., ...]. For a few slots whose order is part of the contract:
+    a token's k MoE expert outputs (slot order ``j = 0..k-1``), the k slot gradients of a
+    dispatched token, attention's ``dq`` over KV splits. Written as a chain of elementwise
+    adds, so the order is fixed by the program and never left to the compiler (an XLA
+    reduce, ``jnp.sum``, picks its own order, which on XLA:CPU depended on the number of
+    rows sharing the call, see the module docstring).
+    """
+    axis = axis % x.ndim
+    out = lax.index_in_dim(x, 0, axis, keepdims=False)
+    for j in range(1, x.shape[axis]):
+        out = out + lax.index_in_dim(x, j, axis, keepdims=False)
+    return out
+
+
 def rounded(x: jax.Array) -> jax.Array:
     """``x``, rounded to its dtype before any consumer sees it: products summed after
     this are never contracted into FMAs.

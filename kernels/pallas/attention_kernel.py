@@ -1,6 +1,6 @@
 """Pallas split-KV attention (forward): the algorithm of :mod:`tml.kernels.split_kv_attention`.
 
-Input is the kernel layout :class:`tml.kernels.split_kv_attention.Layout` (query rows
+Input is the kernel layout :class:`tml.kernels.split_kv.Layout` (query rows
 r = t * G + g per KV head, already scaled):
 
     qs [B, H, R, D], k [B, H, Tkp, D], v [B, H, Tkp, Dv], q_pos/q_seg [B, R], kv_seg [B, Tkp]
@@ -9,8 +9,9 @@ r = t * G + g per KV head, already scaled):
 One program per (batch, KV head, block of ``block_q`` query rows). The program walks
 the KV splits of ``split_size`` slots from slot 0 upward and folds each split's
 partials (max, pairwise-tree sum, exp(s - max) @ v) into the running (m, l, o) with
-:func:`tml.kernels.split_kv_attention.combine` — the same helper functions the jnp reference
-calls, so the arithmetic is the same op for op.
+:func:`tml.kernels.split_kv.combine` — the same helper functions the jnp reference
+calls, so the arithmetic is the same op for op. This backend imports the shared pieces
+(:mod:`tml.kernels.split_kv`), never the API module that calls it.
 
 * ``tpu`` flavour: the split index is the last grid axis ("arbitrary"), the running
   (c, l, o) live in VMEM scratch; blocks obey the (8, 128) rule (segment ids are
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from ..split_kv_attention import (
+from ..split_kv import (
     NEG,
     PAD_QUERY_SEGMENT,
     SEGMENT_SENTINEL,
@@ -121,7 +122,7 @@ def attention_forward(
     Tkp, Dv = L.k.shape[2], L.v.shape[3]
     S = split_size
     if Tkp % S:
-        raise ValueError("kv length must be padded to the split size (use split_kv_attention.prepare)")
+        raise ValueError("kv length must be padded to the split size (use tml.kernels.split_kv.prepare)")
     bq = block_q or min(64, round_up(max(R, 1), 16))
     Rp = round_up(max(R, 1), bq)
     qs = pad_axis(L.qs, 2, Rp)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tml.kernels.split_kv_attention as ska
+from tml.kernels import split_kv
 from tml.kernels import attention, matmul, rms_norm
 from tml.kernels import pallas as P
 from tml.kernels.reductions import rms_norm_reference
@@ -62,7 +63,7 @@ def _attention_pair(flavour, window, q, k, v, q_positions=None, q_segment_ids=No
     """(kernel, reference) outputs (out, shift, sum) for the same prepared layout."""
 
     def prep(q, k, v):
-        return ska.prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, 0.125, 64)
+        return split_kv.prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, 0.125, 64)
 
     ref = jax.jit(lambda q, k, v: ska.reference_forward(prep(q, k, v), True, window, 64))(q, k, v)
     ker = jax.jit(
@@ -120,7 +121,7 @@ TARGETS = [
 
 def _attention_fn(flavour):
     def f(q, k, v, lens):
-        L_ = ska.prepare(q, k, v, lens[:, None] - 1, None, None, lens, 0.125, 64)
+        L_ = split_kv.prepare(q, k, v, lens[:, None] - 1, None, None, lens, 0.125, 64)
         return P.attention_forward(L_, causal=True, window=128, split_size=64, flavour=flavour, interpret=False)
 
     return f

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tml.kernels import log_softmax, logsumexp, pairwise_sum, rms_norm, softmax
+from tml.kernels import log_softmax, logsumexp, ordered_sum, pairwise_sum, rms_norm, softmax
 from tml.kernels.testing import assert_bits_equal, bits_equal
 
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
@@ -88,6 +88,17 @@ def test_pairwise_sum_order_is_the_documented_tree():
         h = y.shape[1] // 2
         y = (y[:, :h] + y[:, h:]).astype(np.float32)
     assert_bits_equal(jax.jit(pairwise_sum)(jnp.asarray(x)), y[:, 0])
+
+
+def test_ordered_sum_is_left_to_right():
+    x = (np.random.default_rng(6).standard_normal((4, 7, 5)) * 10.0 ** np.arange(7)[:, None]).astype(np.float32)
+    y = x[:, 0]
+    for j in range(1, 7):
+        y = (y + x[:, j]).astype(np.float32)
+    got = jax.jit(lambda x: ordered_sum(x, 1))(jnp.asarray(x))
+    assert_bits_equal(got, y)
+    assert_bits_equal(ordered_sum(jnp.asarray(x), -2), y)
+    assert not bits_equal(got, pairwise_sum(jnp.asarray(x), 1))  # another order, other bits
 
 
 def _loss(name, x, w, mode):
