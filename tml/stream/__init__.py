@@ -9,13 +9,13 @@ from tml.stream.conversation import (
     Event,
     Word,
 )
-from tml.stream.layout import LAYOUT_VERSION, LossKind, Modality, Tokens, layout, unlayout
+from tml.stream.layout import LAYOUT_VERSION, STREAM_FIELDS, LossKind, Modality, StreamArrays, Tokens, layout, unlayout
 from tml.stream.micro_turns import MicroTurn, conversation_dmel, to_micro_turns
 from tml.stream.packing import Packer, PackedRows, pack, split_at_micro_turns
 
 __all__ = [
     "Conversation", "Event", "LAYOUT_VERSION", "LossKind", "MICRO_TURN_SECONDS", "MicroTurn",
-    "Modality", "PackedRows", "Packer", "SAMPLES_PER_MICRO_TURN", "SAMPLE_RATE", "Tokens",
+    "Modality", "PackedRows", "STREAM_FIELDS", "StreamArrays", "Packer", "SAMPLES_PER_MICRO_TURN", "SAMPLE_RATE", "Tokens",
     "VIDEO_FPS", "Word", "conversation_dmel", "layout", "pack", "split_at_micro_turns",
     "to_micro_turns", "unlayout",
 ]

@@ -53,8 +53,9 @@ class LossKind(enum.IntEnum):
 
 
 @dataclass
-class Tokens:
-    """A laid-out token sequence (one conversation, a piece of one, or a packed row).
+class StreamArrays:
+    """The nine arrays of the layout, shared by one sequence (:class:`Tokens`, shapes [L, ...])
+    and a batch of packed rows (:class:`tml.stream.PackedRows`, the same with a leading [B]).
 
     Attributes (L = length, N = number of patches):
         tokens: int32 [L] token ids (placeholders at audio, speech and patch positions).
@@ -78,8 +79,9 @@ class Tokens:
     patch_index: np.ndarray
     patches: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.tokens)
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """The arrays by field name, in field order (what the model's ``batch`` is)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @property
     def text_mask(self) -> np.ndarray:
@@ -92,6 +94,18 @@ class Tokens:
     @property
     def control_mask(self) -> np.ndarray:
         return self.loss_kind == LossKind.CONTROL
+
+
+STREAM_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StreamArrays))
+
+
+@dataclass
+class Tokens(StreamArrays):
+    """A laid-out token sequence (one conversation, a piece of one, or a packed row): the
+    :class:`StreamArrays` of shape [L, ...]."""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
 
     def slice(self, start: int, stop: int) -> "Tokens":
         """Positions [start, stop) with their patches; positions restart at 0."""
@@ -117,9 +131,6 @@ class Tokens:
             self.segment_ids[1:] != self.segment_ids[:-1]
         )
         return np.flatnonzero(change & (self.segment_ids > 0))
-
-    def array_fields(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 _DEFAULT_TOKENIZER = ByteTokenizer()

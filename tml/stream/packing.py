@@ -22,7 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
-from tml.stream.layout import PATCH_SHAPE, Modality, Tokens
+from tml.stream.layout import PATCH_SHAPE, STREAM_FIELDS, Modality, StreamArrays, Tokens
 from tml.stream.micro_turns import N_MELS
 from tml.text import ByteTokenizer
 
@@ -66,30 +66,17 @@ def split_at_micro_turns(seq: Tokens, max_tokens: int, max_patches: int) -> list
 
 
 @dataclass
-class PackedRows:
-    """A batch of packed rows: every field of :class:`Tokens` with a leading [B] axis;
-    ``patches`` is uint8 [B, max_patches, 2, 40, 40, 3] and ``patch_index`` indexes its
-    second axis."""
-
-    tokens: np.ndarray
-    modality: np.ndarray
-    positions: np.ndarray
-    segment_ids: np.ndarray
-    micro_turn: np.ndarray
-    loss_kind: np.ndarray
-    dmel: np.ndarray
-    patch_index: np.ndarray
-    patches: np.ndarray
+class PackedRows(StreamArrays):
+    """A batch of packed rows: the :class:`StreamArrays` of :class:`Tokens` with a leading
+    [B] axis; ``patches`` is uint8 [B, max_patches, 2, 40, 40, 3] and ``patch_index``
+    indexes its second axis."""
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def as_dict(self) -> dict[str, np.ndarray]:
-        return dict(self.__dict__)
-
     @classmethod
     def stack(cls, rows: list[Tokens]) -> "PackedRows":
-        return cls(**{k: np.stack([getattr(r, k) for r in rows]) for k in cls.__dataclass_fields__})
+        return cls(**{k: np.stack([getattr(r, k) for r in rows]) for k in STREAM_FIELDS})
 
     def row(self, i: int) -> Tokens:
         return Tokens(**{k: v[i] for k, v in self.as_dict().items()})
