@@ -7,7 +7,6 @@ model's training consumption (``bench.model_tokens_per_second``, when known).
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import replace
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from tml.config import TmlConfig
 from tml.data_pipelines.build import build_corpus
+from tml.bench_report import environment, write_report
 from tml.data_pipelines.loader import ShardLoader
 
 
@@ -71,8 +71,5 @@ def run_bench(cfg: TmlConfig) -> dict:
         print(f"{'':<22}{l['workers']:>8}{l['tokens_per_s']:>15.0f}{'':>11}{l['seconds']:>9.2f}")
     if consumption:
         print(f"loader / tiny-model consumption: {result['loader_over_model']:.1f}x (target ≥ 10x)")
-    out = Path(cfg.bench.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    write_report(cfg.bench.out, result | {"environment": environment()})
     return result

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +46,7 @@ from tqdm import tqdm
 from tml.audio import encode_flac
 from tml.stream import Conversation, conversation_dmel
 from tml.stream.layout import LAYOUT_VERSION
+from tml.files import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
@@ -73,26 +73,6 @@ class ShardJob:
     @property
     def name(self) -> str:
         return f"{self.split}-{self.index:05d}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def npy_bytes(a: np.ndarray) -> bytes:

@@ -19,10 +19,6 @@ the reported time is the median sample. ``ratio = batch_invariant / standard``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,6 +29,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tml.bench_report import environment, write_report
 
 from .moe import moe_ffn, route_topk
 from .reductions import log_softmax, rms_norm
@@ -208,13 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     result = {
         "meta": {
-            "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()],
-            "cpu_count": os.cpu_count(),
-            "machine": platform.machine(),
-            "python": platform.python_version(),
+            **environment(),
             "repeats": repeats,
             "note": "ratio = batch_invariant / standard, medians of alternating samples",
         },
@@ -224,10 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         "table": table,
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.out}")
+        write_report(args.out, result)
     return result
 
 

@@ -22,14 +22,12 @@ packed rows (``tokens/s``), padding included; the share of real tokens is printe
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 
+from tml.bench_report import environment, write_report
 from tml.model.config import ModelConfig
 
 DEFAULT_CONFIGS = ("tiny", "small")
@@ -179,17 +177,6 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
-    import flax
-    import jax
-
-    return {"jax": jax.__version__, "flax": flax.__version__, "backend": jax.default_backend(),
-            "devices": [str(d) for d in jax.devices()], "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m tml.model.bench", description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="*", default=list(DEFAULT_CONFIGS),
@@ -208,10 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(table)
     out = {"environment": env, "repeats": args.repeats, "results": results, "table": table.splitlines()}
-    path = Path(args.out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"\nwrote {path}")
+    write_report(args.out, out)
     return out
 
 

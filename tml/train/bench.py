@@ -277,8 +277,7 @@ def format_table(results: list[dict], peak: float, memory: dict | None) -> str:
 def main(argv: list[str] | None = None) -> dict:
     import jax
 
-    from tml.data_pipelines.shards import atomic_write_json
-    from tml.model.bench import environment
+    from tml.bench_report import environment, write_report
     from tml.train.metrics_log import measure_matmul_peak_flops
 
     p = argparse.ArgumentParser(prog="python -m tml.train.bench", description=__doc__.splitlines()[0])
@@ -353,9 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "visible half, hMLP per patch slot) / median step time / measured float32 matmul peak",
            "targets": TARGETS, "targets_met": met,
            "results": results, "memory": memory, "table": table.splitlines()}
-    path = Path(args.out)
-    atomic_write_json(path, out)
-    print(f"\nwrote {path}")
+    write_report(args.out, out)
     return out
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 from tml.train.config import DistributedConfig  # noqa: F401  (re-exported)
 
 MODES = ("auto", "explicit", "slurm", "tpu", "off")

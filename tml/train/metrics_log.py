@@ -24,9 +24,8 @@ import os
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tml.train.config import LoggingConfig, WandbConfig  # noqa: F401  (re-exported)

@@ -41,7 +41,6 @@ path in the parameter tree (the attribute / dict-key names from the root, for ex
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import jax
