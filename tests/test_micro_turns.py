@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from stream_fixtures import toy_conversation
+from tests.stream.toy_conversation import toy_conversation
 from tml.stream import Conversation, Event, Word, layout, to_micro_turns, unlayout
 
 

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from stream_fixtures import crash_after, toy_conversation, toy_slice
+from tests.data_pipelines.toy_sources import crash_after, toy_slice
+from tests.stream.toy_conversation import toy_conversation
 from tml.data_pipelines.loader import CorruptShardError, LoaderState, ShardLoader
 from tml.data_pipelines.shards import ShardJob, build_shards, quantize_pcm16
 from tml.stream import to_micro_turns, unlayout

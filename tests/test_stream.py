@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from stream_fixtures import random_turns
+from tests.stream.random_turns import random_turns
 from tml.kernels import SPLIT_SIZE
 from tml.stream import LossKind, Modality, layout, pack, split_at_micro_turns, unlayout
 from tml.stream.packing import ATTENTION_SPLIT, Packer

@@ -13,14 +13,15 @@ import pytest
 from tml.kernels import tree_sum
 from tml.kernels.testing import assert_bits_equal
 
-HELPER = os.path.join(os.path.dirname(__file__), "tp_invariance_check.py")
+HELPER = "tests.kernels.tp_invariance_check"  # run as ``python -m`` from the repository root
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _launch():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     return subprocess.Popen(
-        [sys.executable, HELPER, "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [sys.executable, "-m", HELPER, "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
     )
 
 

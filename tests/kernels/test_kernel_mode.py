@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from stream_fixtures import random_turns
+from tests.stream.random_turns import random_turns
 from tml import kernels
 from tml.kernels import (
     get_default_mode,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import CFG, make_batch
+from tests.model.tiny_model import CFG, make_batch
 from tml import kernels
 from tml.model.loss import losses
 from tml.model.model import KVCache

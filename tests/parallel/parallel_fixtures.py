@@ -1,5 +1,5 @@
 """Shared by test_parallel.py and its 8-device helper: the tiny test model of
-tests/model/conftest.py with cheap deterministic weights, and packed rows made like
+tests/model/tiny_model.py with cheap deterministic weights, and packed rows made like
 tests/model make_batch.
 
 Weights are drawn with numpy rather than the model's initialiser: initialising under
@@ -8,41 +8,19 @@ the parallel tests compare sharded and unsharded runs of the *same* weights, so 
 reasonable values do.
 """
 
-import importlib.util
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.dirname(HERE)
-if TESTS not in sys.path:  # stream_fixtures.py (imported by tests/model/conftest.py)
-    sys.path.insert(0, TESTS)
+from tests.model.tiny_model import ALIGN, CFG, PATCHES, ROW
 
-
-def _model_conftest():
-    # loaded by path under its own name: several conftest.py files exist in tests/
-    name = "tml_tests_model_conftest"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(TESTS, "model", "conftest.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-_mc = _model_conftest()
-CFG, ROW, PATCHES, ALIGN = _mc.CFG, _mc.ROW, _mc.PATCHES, _mc.ALIGN
 N_ROWS = 8
 
 
 def make_rows(seed: int = 0, n_rows: int = N_ROWS) -> dict:
     """``n_rows`` packed rows of ``ROW`` tokens (numpy), like tests/model make_batch."""
-    from stream_fixtures import random_turns
-
+    from tests.stream.random_turns import random_turns
     from tml.stream import layout, pack
 
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """Helper run in a subprocess by test_parallel.py: it needs 8 fake CPU devices, which
 XLA creates only if the flag is set before JAX initialises.
 
-    python sharded_forward_check.py GROUP OUT_PREFIX
+    python -m tests.parallel.sharded_forward_check GROUP OUT_PREFIX   (from the repository root)
 
 runs the sharded forwards of GROUP (see ``GROUPS``) of the tiny test model on an 8-row
 packed batch (tests/parallel/parallel_fixtures.py) and writes ``OUT_PREFIX.npz`` (the
@@ -16,14 +16,13 @@ import sys
 import time
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from parallel_fixtures import make_rows, numpy_model
 
+from tests.parallel.parallel_fixtures import make_rows, numpy_model
 from tml import kernels
 from tml.model.layers import Linear, RMSNorm
 from tml.parallel import (

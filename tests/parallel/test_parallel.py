@@ -35,13 +35,10 @@ from tml.parallel import (
     state_specs,
 )
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from tests.parallel.parallel_fixtures import CFG, make_rows, numpy_model
 
-from parallel_fixtures import CFG, make_rows, numpy_model
-
-HELPER = os.path.join(HERE, "sharded_forward_check.py")
-REPO = os.path.dirname(os.path.dirname(HERE))
+HELPER = "tests.parallel.sharded_forward_check"  # run as ``python -m`` from the repository root
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def amesh(data=1, fsdp=1, tensor=1, expert=1):
@@ -199,7 +196,7 @@ def sharded(tmp_path_factory):
     out = tmp_path_factory.mktemp("parallel")
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    procs = {g: subprocess.Popen([sys.executable, HELPER, g, str(out / g)], env=env, cwd=REPO,
+    procs = {g: subprocess.Popen([sys.executable, "-m", HELPER, g, str(out / g)], env=env, cwd=REPO,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for g in ("dp", "tp")}
     try:

@@ -1,4 +1,5 @@
-"""One of two processes of the multi-process test: ``distributed_worker.py <ckpt_dir> [pid]``.
+"""One of two processes of the multi-process test, run from the repository root:
+``python -m tests.train.distributed_worker <ckpt_dir> [pid]``.
 
 Starts through ``init_distributed`` (explicit flags from the environment variables
 TML_COORD / TML_NPROC / TML_PID, or SLURM auto-detection when those are unset), then:

@@ -1,4 +1,5 @@
-"""A toy training loop for the SIGTERM test: ``sigterm_worker.py <ckpt_dir> <dump.npz>``.
+"""A toy training loop for the SIGTERM test, run from the repository root:
+``python -m tests.train.sigterm_worker <ckpt_dir> <dump.npz>``.
 
 Trains the ToyMLP forever, checkpointing every 10 steps; prints READY once the first
 checkpoint is committed. On SIGTERM it saves a final checkpoint at the next step boundary,
@@ -6,17 +7,14 @@ dumps the raw bits it saved to <dump.npz>, prints FINAL_STEP and exits 0.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import jax
+import numpy as np
+from flax import nnx
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from tml.data_pipelines.loader import LoaderState  # noqa: E402
-from tml.train.checkpoint import Checkpointer, install_preemption_handler  # noqa: E402
-from train_toys import TOY_CONFIG, bits, make_toy, toy_batch, train_step  # noqa: E402
+from tests.train.train_toys import TOY_CONFIG, bits, make_toy, toy_batch, train_step
+from tml.data_pipelines.loader import LoaderState
+from tml.train.checkpoint import Checkpointer, install_preemption_handler
 
 
 def main(ckdir: str, dump: str) -> None:

@@ -3,8 +3,8 @@ run saved by two processes resumes in one with the same data order."""
 
 import numpy as np
 import pytest
-from trainer_fixtures import build_corpus
 
+from tests.train.trainer_fixtures import build_corpus
 from tml.data_pipelines.loader import ShardLoader
 from tml.train.global_batch import GlobalBatches, merge_states
 

@@ -19,15 +19,15 @@ import pytest
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tests.train.train_toys import TOY_CONFIG, assert_bitwise_equal, bits, make_toy, run_steps
 from tml.data_pipelines.loader import LoaderState
 from tml.train.checkpoint import (
     CheckpointConfig, CheckpointConfigMismatchError, Checkpointer, CheckpointSaveError,
     CheckpointStructureError, NoCheckpointError, config_fingerprint, install_preemption_handler,
     with_shardings,
 )
-from train_toys import TOY_CONFIG, assert_bitwise_equal, bits, make_toy, run_steps
 
-HERE = Path(__file__).parent
+REPO = Path(__file__).resolve().parents[2]  # workers run as ``python -m tests.train.…`` from here
 PY = sys.executable
 
 
@@ -384,7 +384,7 @@ def test_sigterm_in_a_training_subprocess_saves_a_final_checkpoint(tmp_path):
     a final checkpoint at the next step boundary and exits 0; that checkpoint restores bit
     for bit to the state the worker dumped at its final save, including the loader state."""
     ckdir, dump = tmp_path / "ck", tmp_path / "final.npz"
-    proc = subprocess.Popen([PY, str(HERE / "sigterm_worker.py"), str(ckdir), str(dump)],
+    proc = subprocess.Popen([PY, "-m", "tests.train.sigterm_worker", str(ckdir), str(dump)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 90

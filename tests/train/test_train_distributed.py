@@ -15,7 +15,7 @@ import pytest
 
 from tml.train.distributed import DistributedConfig, init_distributed, plan_distributed
 
-HERE = Path(__file__).parent
+REPO = Path(__file__).resolve().parents[2]  # the worker runs as ``python -m tests.train.…`` from here
 
 SLURM_2 = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "node[001-002]", "SLURM_NTASKS": "2",
            "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
@@ -80,7 +80,7 @@ def _run_pair(tmp_path, envs: list[dict]) -> list[dict]:
                 if not k.startswith(("SLURM_", "TML_", "XLA_FLAGS"))}
         full.update(JAX_PLATFORMS="cpu", **env)
         procs.append(subprocess.Popen(
-            [sys.executable, str(HERE / "distributed_worker.py"), str(tmp_path / "ck")],
+            [sys.executable, "-m", "tests.train.distributed_worker", str(tmp_path / "ck")], cwd=REPO,
             env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     try:

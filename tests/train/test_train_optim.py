@@ -9,10 +9,10 @@ import optax
 import pytest
 from flax import nnx
 
+from tests.train.train_toys import make_toy
 from tml.train.optim import (
     OptimConfig, decay_mask, describe_decay, learning_rate_at, make_optimizer, should_decay,
 )
-from train_toys import make_toy
 
 
 def test_schedule_warmup_cosine_floor():
@@ -131,7 +131,7 @@ def test_invalid_configs_name_the_field():
 
 
 def test_toy_training_loss_falls():
-    from train_toys import toy_batch, train_step
+    from tests.train.train_toys import toy_batch, train_step
 
     model, opt = make_toy(0)
     key = jax.random.key(0)

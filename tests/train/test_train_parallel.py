@@ -16,13 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from tests.train.trainer_fixtures import build_corpus
 from tml.kernels import kernel_mode, sequence_tree
 from tml.train.metrics_log import read_metrics
-from trainer_fixtures import build_corpus
-
 from tml.train.step import tree_accumulate
 
-HERE = Path(__file__).parent
+REPO = Path(__file__).resolve().parents[2]  # the worker runs as ``python -m tests.train.…`` from here
+WORKER = [sys.executable, "-m", "tests.train.train_worker"]
 
 
 def bits(x):
@@ -79,7 +80,7 @@ def _spec(tmp_path, corpus, runs, name="spec.json") -> Path:
 
 
 def _run(spec: Path, env: dict, timeout: int = 900) -> list[dict]:
-    p = subprocess.run([sys.executable, str(HERE / "train_worker.py"), str(spec)], env=env,
+    p = subprocess.run([*WORKER, str(spec)], env=env, cwd=REPO,
                        capture_output=True, text=True, timeout=timeout, check=False)
     assert p.returncode == 0, p.stderr[-6000:]
     return [json.loads(line.split("RESULT ", 1)[1]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
@@ -143,7 +144,7 @@ def test_two_processes_train_together_bitwise_like_one(corpus, tmp_path):
     single = _spec(tmp_path, corpus, [{"run_dir": "single", **run}], "single.json")
     pair = _spec(tmp_path, corpus, [{"run_dir": "pair", **run}], "pair.json")
     coord = f"127.0.0.1:{_free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(HERE / "train_worker.py"), str(pair)],
+    procs = [subprocess.Popen([*WORKER, str(pair)], cwd=REPO,
                               env=_env(TML_COORD=coord, TML_NPROC="2", TML_PID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:

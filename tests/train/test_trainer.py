@@ -4,7 +4,9 @@ and no failure after a completed step loses it."""
 
 import jax
 import pytest
-from trainer_fixtures import (
+
+import tml.train.trainer as trainer_module
+from tests.train.trainer_fixtures import (
     STEPS,
     build_corpus,
     config,
@@ -12,8 +14,6 @@ from trainer_fixtures import (
     same_bits,
     with_train,
 )
-
-import tml.train.trainer as trainer_module
 from tml.train.metrics_log import read_metrics
 from tml.train.trainer import Hook, Trainer, train
 

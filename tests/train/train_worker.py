@@ -1,6 +1,6 @@
 """Runs ``tml.train.trainer.train`` for a list of recipes in one process (the parent sets
 ``XLA_FLAGS`` for fake devices, or ``TML_COORD``/``TML_NPROC``/``TML_PID`` for one of
-several processes): ``train_worker.py <spec.json>``.
+several processes), from the repository root: ``python -m tests.train.train_worker <spec.json>``.
 
 spec: {"corpus": dir, "cache": dir, "runs": [{"run_dir", "steps", "mesh", "devices",
 "readers", "kernel_mode", "batch_size", "micro_batches"}, ...]}. After each run, process 0
@@ -32,8 +32,7 @@ def main(spec_path: str) -> None:
 
     import dataclasses
 
-    from trainer_fixtures import config, final_params
-
+    from tests.train.trainer_fixtures import config, final_params
     from tml.config import DataConfig
     from tml.train.trainer import train
 
@@ -53,5 +52,4 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main(sys.argv[1])
