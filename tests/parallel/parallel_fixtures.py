@@ -1,6 +1,6 @@
 """Shared by test_parallel.py and its 8-device helper: the tiny test model of
-tests/model/tiny_model.py with cheap deterministic weights, and packed rows made like
-tests/model make_batch.
+tests/model/tiny_model.py with cheap deterministic weights, and packed rows made like its
+make_batch.
 
 Weights are drawn with numpy rather than the model's initialiser: initialising under
 JAX compiles the random ops (10-15 s on this machine, again in every subprocess);
@@ -19,7 +19,7 @@ N_ROWS = 8
 
 
 def make_rows(seed: int = 0, n_rows: int = N_ROWS) -> dict:
-    """``n_rows`` packed rows of ``ROW`` tokens (numpy), like tests/model make_batch."""
+    """``n_rows`` packed rows of ``ROW`` tokens (numpy), like tiny_model.make_batch."""
     from tests.stream.random_turns import random_turns
     from tml.stream import layout, pack
 

@@ -2,7 +2,7 @@
 
 The reference is ``transformers.models.inkling`` (``InklingFeatureExtractor`` followed by
 ``InklingProcessor._extract_dmel_bins``); it needs torch, which only the tests import.
-Fixtures are espeak-ng clips in tests/fixtures/audio (see the README there).
+Fixtures are espeak-ng clips in tests/audio/fixtures (see the README there).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import soundfile as sf
 import tml.audio as A
 from tml.audio import AudioError
 
-FIXTURES = Path(__file__).parent / "fixtures" / "audio"
+FIXTURES = Path(__file__).parent / "fixtures"
 SPEECH_16K = ["speech_fox_16k.flac", "speech_again_16k.flac"]
 SPEECH_22K = "speech_hello_22050.flac"
 

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.test_shards_loader import SOURCE, batches, jobs, loader, same_batches
+from tests.data_pipelines.test_shards_loader import SOURCE, batches, jobs, loader, same_batches
 from tml.data_pipelines import loader as loader_mod
 from tml.data_pipelines.loader import CorruptShardError, decode_shard
 from tml.data_pipelines.shards import build_shards
