@@ -1,4 +1,5 @@
-"""Helper run in a subprocess by test_kernel_collectives.py.
+"""Helper run in a subprocess by test_collectives.py, from the repository root:
+``python -m tests.kernels.tp_invariance_check [seed]``.
 
 It needs 8 fake CPU devices, which XLA only creates if the flag is set before JAX
 initialises, hence a separate process. Prints one JSON object with the results.
