@@ -33,7 +33,7 @@ weights and run a one-row GEMV (``[A,1,D] @ [A,D,F]``, canonical K chunks, no ro
 padding). On XLA:CPU a one-row GEMV and a >= 51-row GEMM both accumulate each
 output as one sequential FMA chain per K chunk (chunks <= 512, output columns a
 multiple of 64), so the two paths give the same bits — this is measured, not assumed:
-``tests/kernels/test_kernel_moe.py`` checks it. ``path="auto"`` takes the GEMV path
+``tests/kernels/test_moe.py`` checks it. ``path="auto"`` takes the GEMV path
 when there are at most ``GEMV_MAX_ASSIGNMENTS`` assignments and the widths allow it;
 an explicit ``path="gemv"`` with other widths is refused rather than silently giving
 other bits. The GEMV path's weight gradients go through a gather (scatter-add in the

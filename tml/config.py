@@ -54,8 +54,9 @@ class LoaderConfig:
     max_patches_per_row: int = 32
     # Segments start on multiples of this: a multiple of the attention split size
     # (tml.kernels.SPLIT_SIZE = 64; a literal here to keep this module JAX-free, and
-    # tests/test_shards_loader.py asserts they agree), else packed scoring is not bitwise
-    # equal to the sampler's and the loader refuses it. Rows per batch: train.batch_size.
+    # tests/data_pipelines/test_shards_loader.py asserts they agree), else packed scoring
+    # is not bitwise equal to the sampler's and the loader refuses it. Rows per batch:
+    # train.batch_size.
     align: int = 64
     seed: int = 0
     shuffle: bool = True

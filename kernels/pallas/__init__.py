@@ -1,7 +1,7 @@
 """Pallas kernels (TPU = Mosaic, GPU = Triton flavours) of the batch-invariant ops.
 
 On CPU they run with ``interpret=True`` and equal the jnp reference bit for bit
-(``tests/kernels/test_kernel_pallas.py``); ``common.export_for`` lowers them for "cuda" and
+(``tests/kernels/test_pallas.py``); ``common.export_for`` lowers them for "cuda" and
 "tpu" with ``jax.export``.
 """
 

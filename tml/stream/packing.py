@@ -27,7 +27,7 @@ from tml.stream.micro_turns import N_MELS
 from tml.text import ByteTokenizer
 
 #: ``tml.kernels.SPLIT_SIZE``, the keys per attention split: a copy, so that packing (and the
-#: loader's worker processes) do not import JAX; ``tests/test_stream.py`` asserts they agree.
+#: loader's worker processes) do not import JAX; ``tests/stream/test_stream.py`` asserts they agree.
 ATTENTION_SPLIT = 64
 
 

@@ -16,7 +16,7 @@ tree, the adjacent-pairs :func:`tml.kernels.sequence_tree`:
 When ``n/d`` is a power of two the two levels compose into the one tree over ``n``, so
 with the ``batch_invariant`` kernels the summed gradient, and therefore the update (when
 compiled as its own program, :meth:`TrainStep.jit`), has the same bits for data-parallel
-degrees 1, 2, 4, ... and across processes (``tests/train/test_train_parallel.py``).
+degrees 1, 2, 4, ... and across processes (``tests/train/test_parallel.py``).
 In ``standard`` mode the same code sums micro-batches left to right and reduces over
 ranks with ``psum``, and the bits depend on ``d``.
 
