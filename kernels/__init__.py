@@ -19,6 +19,10 @@ interpreted on CPU in tests).
 Imports go one way: API modules (``tiled_matmul``, ``reductions``,
 ``split_kv_attention``, ``moe``, ``collectives``) -> backends (``pallas/*``) -> shared
 pieces (``split_kv``, ``tiling``); a backend never imports an API module.
+
+Importing this package warns once (:class:`UnverifiedVersionWarning`) when the running
+jax/jaxlib are not the versions the bitwise guarantees were measured on
+(:mod:`tml.kernels.version_check`).
 """
 
 from .collectives import (
@@ -49,6 +53,9 @@ from .reductions import log_softmax, logsumexp, rms_norm, softmax
 from .split_kv_attention import attention
 from .tiled_matmul import linear, matmul
 from .tiling import K_CHUNK, ROW_TILE, SPLIT_SIZE, ordered_sum, pairwise_sum, rounded, sequence_tree
+from .version_check import UnverifiedVersionWarning, warn_if_unverified
+
+warn_if_unverified()
 
 __all__ = [
     "BATCH_INVARIANT",
@@ -86,4 +93,6 @@ __all__ = [
     "softmax",
     "tree_sum",
     "two_shot_all_reduce",
+    "UnverifiedVersionWarning",
+    "warn_if_unverified",
 ]
