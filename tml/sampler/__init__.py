@@ -1,0 +1,1 @@
+"""tml.sampler: the streaming sampler (paged sessions, the engine tick, counter-based sampling)."""
