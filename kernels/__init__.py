@@ -49,6 +49,7 @@ from .mode import (
     set_default_mode,
 )
 from .moe import moe_ffn, route_topk
+from .paged_attention import paged_attention, paged_write
 from .reductions import log_softmax, logsumexp, rms_norm, softmax
 from .split_kv_attention import attention
 from .tiled_matmul import linear, matmul
@@ -79,6 +80,8 @@ __all__ = [
     "mode_aware_jit",
     "moe_ffn",
     "one_shot_all_reduce",
+    "paged_attention",
+    "paged_write",
     "ordered_all_reduce",
     "ordered_sum",
     "pairwise_sum",

@@ -72,6 +72,24 @@ def fill_defaults(B, Tq, Tk, q_positions, q_segment_ids, kv_segment_ids, kv_leng
     return q_positions, q_segment_ids, kv_segment_ids, kv_lengths
 
 
+def prepare_queries(q, q_positions, q_segment_ids, n_kv_heads: int, scale: float):
+    """The query half of :func:`prepare` (shared with :mod:`tml.kernels.paged_attention`):
+    q [B,Tq,Hq,D], q_positions / q_segment_ids [B,Tq] (given, not ``None``) ->
+    qs [B,Hkv,R,D] f32 scaled by ``scale * log2 e``, q_pos, q_seg [B,R] int32
+    (R = max(Tq * G, MIN_ROWS); padding rows carry ``PAD_QUERY_SEGMENT``)."""
+    B, Tq, Hq, D = q.shape
+    G = Hq // n_kv_heads
+    qf = upcast(q).astype(jnp.float32) * jnp.float32(scale * LOG2E)
+    qs = qf.reshape(B, Tq, n_kv_heads, G, D).transpose(0, 2, 1, 3, 4).reshape(B, n_kv_heads, Tq * G, D)
+    q_pos = jnp.repeat(jnp.asarray(q_positions, jnp.int32), G, axis=1)
+    q_seg = jnp.repeat(jnp.asarray(q_segment_ids, jnp.int32), G, axis=1)
+    Rp = max(Tq * G, MIN_ROWS)
+    qs = pad_axis(qs, 2, Rp)
+    q_pos = pad_axis(q_pos, 1, Rp)
+    q_seg = pad_axis(q_seg, 1, Rp, PAD_QUERY_SEGMENT)
+    return qs, q_pos, q_seg
+
+
 def prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, scale, split_size) -> Layout:
     """q [B,Tq,Hq,D], k, v [B,Tk,Hkv,D] and the masking arguments of
     :func:`tml.kernels.attention` (``None`` = default) -> :class:`Layout`."""
@@ -79,22 +97,14 @@ def prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, sca
     Bk, Tk, Hkv, Dk = k.shape
     if Bk != B or Dk != D or v.shape != k.shape or Hq % Hkv:
         raise ValueError(f"attention shapes: q {q.shape}, k {k.shape}, v {v.shape}")
-    G = Hq // Hkv
     q_positions, q_segment_ids, kv_segment_ids, kv_lengths = fill_defaults(
         B, Tq, Tk, q_positions, q_segment_ids, kv_segment_ids, kv_lengths)
     Tkp = round_up(max(Tk, 1), split_size)
 
-    qf = upcast(q).astype(jnp.float32) * jnp.float32(scale * LOG2E)
-    qs = qf.reshape(B, Tq, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, Tq * G, D)
+    qs, q_pos, q_seg = prepare_queries(q, q_positions, q_segment_ids, Hkv, scale)
     kf = pad_axis(upcast(k).astype(jnp.float32).transpose(0, 2, 1, 3), 2, Tkp)
     vf = pad_axis(upcast(v).astype(jnp.float32).transpose(0, 2, 1, 3), 2, Tkp)
     vf = pad_axis(vf, 3, max(D, MIN_PV_COLS))
-    q_pos = jnp.repeat(jnp.asarray(q_positions, jnp.int32), G, axis=1)
-    q_seg = jnp.repeat(jnp.asarray(q_segment_ids, jnp.int32), G, axis=1)
-    Rp = max(Tq * G, MIN_ROWS)
-    qs = pad_axis(qs, 2, Rp)
-    q_pos = pad_axis(q_pos, 1, Rp)
-    q_seg = pad_axis(q_seg, 1, Rp, PAD_QUERY_SEGMENT)
     slot = jnp.arange(Tkp, dtype=jnp.int32)[None, :]
     kv_seg = pad_axis(jnp.asarray(kv_segment_ids, jnp.int32), 1, Tkp)
     valid = slot < jnp.asarray(kv_lengths, jnp.int32)[:, None]
