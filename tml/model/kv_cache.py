@@ -1,5 +1,12 @@
 """The sessions' keys and values between calls: :class:`KVCache` (all layers, owned by
-the sampler) and :class:`LayerKV` (one layer's view, what a block reads and writes).
+the sampler) and :class:`LayerKV` (one layer's view, what a block reads and writes);
+:class:`PagedKVCache` / :class:`PagedLayerKV` the same over one pool of pages shared by
+all sessions (the streaming sampler's, :mod:`tml.sampler`).
+
+Both caches give the model the same three things: ``attention_mask(n_new, chunk)`` (the
+keys a chunk's queries see, with an ``attend(q, k, v, window)`` method),
+``layer(i, n_new)`` (a view whose ``write`` is the one cache write) and
+``appended(ks, vs, n_new)`` (the cache after the chunk).
 
 A chunk of C tokens is written at slots ``[length, length + C)`` of each session; the
 slot is the attention kernel's key index, so the split a key falls in depends on its
@@ -14,7 +21,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tml import kernels
 from tml.model.config import ModelConfig
+from tml.model.layers import AttentionMask
 
 _write_rows = jax.vmap(lambda buf, new, start: jax.lax.dynamic_update_slice_in_dim(buf, new, start, axis=0))
 
@@ -57,10 +66,125 @@ class KVCache(NamedTuple):
     def capacity(self) -> int:
         return self.k.shape[2]
 
-    def layer(self, i: int) -> LayerKV:
+    def attention_mask(self, n_new: jax.Array, chunk: int) -> AttentionMask:
+        return AttentionMask.for_cache(self.lengths, n_new, chunk, self.capacity)
+
+    def layer(self, i: int, n_new: jax.Array | None = None) -> LayerKV:
+        """Layer i's view (n_new unused: a chunk's padding is overwritten by the next chunk)."""
         return LayerKV(self.k[i], self.v[i], self.lengths)
 
     def appended(self, ks: list[jax.Array], vs: list[jax.Array], n_new: jax.Array) -> "KVCache":
         """The cache after a chunk: every layer's written buffers (from
         :meth:`LayerKV.write`) and lengths grown by n_new [B]."""
         return KVCache(jnp.stack(ks), jnp.stack(vs), self.lengths + n_new)
+
+
+# ------------------------------------------------------------------------ paged cache
+RESERVED_PAGE = 0  # never handed to a session (tml.sampler.pages); writes aimed at it are dropped
+
+
+def paged_write(k_pages, v_pages, page_table, k_new, v_new, start, n_new):
+    """Rows ``i < n_new[b]`` of k_new, v_new [B, C, Hkv, hd] written at slots
+    ``start[b] + i`` through page_table [B, P] into the pools [n_pages, page_size, Hkv, hd].
+
+    Padding rows, slots past the session's P pages and slots whose page-table entry is
+    :data:`RESERVED_PAGE` (not allocated) are scattered to page ``n_pages`` with
+    ``mode="drop"``: a write can never land outside the session's own pages."""
+    n_pages, page_size = k_pages.shape[:2]
+    B, C = k_new.shape[:2]
+    P = page_table.shape[1]
+    i = jnp.arange(C, dtype=jnp.int32)[None, :]
+    slot = start[:, None] + i
+    logical = jnp.clip(slot // page_size, 0, P - 1)
+    page = jnp.take_along_axis(page_table, logical, axis=1)
+    keep = (i < n_new[:, None]) & (slot < P * page_size) & (page != RESERVED_PAGE)
+    page = jnp.where(keep, page, n_pages)
+    off = slot % page_size
+    return (k_pages.at[page, off].set(k_new.astype(k_pages.dtype), mode="drop"),
+            v_pages.at[page, off].set(v_new.astype(v_pages.dtype), mode="drop"))
+
+
+def paged_attention(q, k_pages, v_pages, page_table, *, q_positions, kv_lengths, sliding_window=None):
+    """q [B, C, Hq, hd] against each session's pages (page_table [B, P]) → [B, C, Hq, hd].
+
+    Gathers the pages end to end ([B, P * page_size, Hkv, hd]) and runs
+    :func:`tml.kernels.attention` on them: the bits of the contiguous :class:`KVCache`
+    (and so of the training row), at a cost that grows with P."""
+    def gather(pages):
+        g = pages[page_table]
+        return g.reshape(page_table.shape[0], -1, *pages.shape[2:])
+
+    k, v = gather(k_pages), gather(v_pages)
+    B, C = q.shape[:2]
+    return kernels.attention(q, k, v, q_positions=q_positions, q_segment_ids=jnp.ones((B, C), jnp.int32),
+                             kv_segment_ids=jnp.ones((B, k.shape[1]), jnp.int32), kv_lengths=kv_lengths,
+                             sliding_window=sliding_window)
+
+
+class PagedAttentionMask(NamedTuple):
+    """Which keys a chunk's queries see in a paged cache. page_table int32 [B, P];
+    q_positions [B, C] the KV slot of each query (padding queries sit on the last real
+    one, so they widen no split range); kv_lengths [B] valid slots after the chunk."""
+
+    page_table: jax.Array
+    q_positions: jax.Array
+    kv_lengths: jax.Array
+
+    def attend(self, q, k_pages, v_pages, window):
+        return paged_attention(q, k_pages, v_pages, self.page_table, q_positions=self.q_positions,
+                               kv_lengths=self.kv_lengths, sliding_window=window)
+
+
+class PagedLayerKV(NamedTuple):
+    """One layer of a :class:`PagedKVCache`: k, v [n_pages, page_size, Hkv, hd] pools;
+    page_table [B, P]; start [B] first free slot; n_new [B] real rows of the chunk."""
+
+    k: jax.Array
+    v: jax.Array
+    page_table: jax.Array
+    start: jax.Array
+    n_new: jax.Array
+
+    def write(self, k_new: jax.Array, v_new: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """k_new, v_new [B, C, Hkv, hd] → this layer's pools with the chunk's real rows
+        written (:func:`paged_write`; padding written nowhere)."""
+        return paged_write(self.k, self.v, self.page_table, k_new, v_new, self.start, self.n_new)
+
+
+class PagedKVCache(NamedTuple):
+    """Keys and values of all sessions in one pool per layer, owned by the sampler.
+
+    k, v: [n_layers, n_pages, page_size, Hkv, hd]; page_table: int32 [B, P] the pages of
+    each row's session (unused entries :data:`RESERVED_PAGE`); lengths: int32 [B] valid
+    slots per row. Which pages a session owns is decided outside
+    (:class:`tml.sampler.pages.PagePool`); ``page_size`` must be a multiple of the
+    attention split size so a key's split depends on its logical slot only.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    page_table: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def empty_pool(cls, cfg: ModelConfig, n_pages: int, page_size: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+        """Zeroed pools k, v [n_layers, n_pages, page_size, Hkv, hd] (zeros: finite)."""
+        shape = (cfg.n_layers, n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    @property
+    def capacity(self) -> int:
+        """Slots one row can address: P * page_size."""
+        return self.page_table.shape[1] * self.k.shape[2]
+
+    def attention_mask(self, n_new: jax.Array, chunk: int) -> PagedAttentionMask:
+        i = jnp.arange(chunk, dtype=jnp.int32)[None]
+        q_positions = self.lengths[:, None] + jnp.minimum(i, jnp.maximum(n_new[:, None] - 1, 0))
+        return PagedAttentionMask(self.page_table, q_positions, self.lengths + n_new)
+
+    def layer(self, i: int, n_new: jax.Array) -> PagedLayerKV:
+        return PagedLayerKV(self.k[i], self.v[i], self.page_table, self.lengths, n_new)
+
+    def appended(self, ks: list[jax.Array], vs: list[jax.Array], n_new: jax.Array) -> "PagedKVCache":
+        """The cache after a chunk: every layer's written pools and lengths grown by n_new."""
+        return PagedKVCache(jnp.stack(ks), jnp.stack(vs), self.page_table, self.lengths + n_new)

@@ -81,6 +81,12 @@ class AttentionMask(NamedTuple):
         slots = lengths[:, None] + jnp.arange(chunk, dtype=jnp.int32)[None]
         return cls(slots, jnp.ones((B, chunk), jnp.int32), jnp.ones((B, capacity), jnp.int32), lengths + n_new)
 
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> jax.Array:
+        """:func:`tml.kernels.attention` of q [B, Tq, Hq, hd] over k, v [B, Tk, Hkv, hd]
+        with this mask (a paged cache's mask, :class:`tml.model.kv_cache.PagedAttentionMask`,
+        has the same method over its pages)."""
+        return kernels.attention(q, k, v, sliding_window=window, **self._asdict())
+
 
 class Attention(nnx.Module):
     """Grouped-query attention with per-head q/k RMSNorm and rotary positions."""
@@ -106,12 +112,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array,
                  mask: AttentionMask) -> jax.Array:
-        """x [B, T, d] queries at RoPE positions [B, T]; k, v [B, Tk, Hkv, hd] the keys
-        they may see (the row itself or a cache), ``mask`` which ones → [B, T, d]."""
+        """x [B, T, d] queries at RoPE positions [B, T]; k, v the keys they may see (the
+        row itself or a cache: [B, Tk, Hkv, hd], or a paged cache's pools), ``mask`` which
+        ones (and the attention call, ``mask.attend``) → [B, T, d]."""
         B, T, _ = x.shape
         q = self.q_norm(self.wq(x).reshape(B, T, self.n_heads, self.head_dim))
         q = rotary(q, positions, self.theta)
-        o = kernels.attention(q, k, v, sliding_window=self.window, **mask._asdict())
+        o = mask.attend(q, k, v, self.window)
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
 

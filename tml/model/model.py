@@ -4,8 +4,9 @@ One call, one layer loop, two uses:
 
 * ``model(batch)`` scores full packed rows (training, trainer-side scoring);
 * ``model(chunk, cache=cache, n_new=n)`` appends a chunk of tokens to each session's
-  :class:`KVCache` (the sampler's prefill of a micro-turn's inputs, then decode one
-  output token at a time); ``Outputs.cache`` is the cache after the chunk.
+  :class:`KVCache` or :class:`PagedKVCache` (the sampler's prefill of a micro-turn's
+  inputs, then decode one output token at a time); ``Outputs.cache`` is the cache after
+  the chunk.
 
 The two differ only in the :class:`AttentionMask` and in where a block's keys come from
 (the row itself, or the cache with the chunk's keys written). In ``batch_invariant``
@@ -25,7 +26,7 @@ from flax import nnx
 
 from tml.model.config import ModelConfig
 from tml.model.frontends import DMelEmbedding, HMLPEncoder
-from tml.model.kv_cache import KVCache, LayerKV
+from tml.model.kv_cache import KVCache, LayerKV, PagedKVCache, PagedLayerKV
 from tml.model.layers import Attention, AttentionMask, Linear, RMSNorm, SwiGLU, normal
 from tml.model.moe import MoE
 from tml.stream.layout import Modality
@@ -37,18 +38,19 @@ N_MODALITIES = len(Modality)
 class Outputs(NamedTuple):
     """text_logits [B, T, V]; speech_logits [B, T, n_mels, n_bins]; hidden [B, T, d];
     expert_load [n_moe_layers, n_experts] fraction of routed slots per expert;
-    cache: the :class:`KVCache` after the chunk (None for full rows)."""
+    cache: the :class:`KVCache` / :class:`PagedKVCache` after the chunk (None for full rows)."""
 
     text_logits: jax.Array
     speech_logits: jax.Array
     hidden: jax.Array
     expert_load: jax.Array
-    cache: KVCache | None = None
+    cache: KVCache | PagedKVCache | None = None
 
 
 class BlockOut(NamedTuple):
     """x [B, T, d] new hidden state; k, v [B, Tk, Hkv, hd] the keys and values attention
-    used (the row's own, or the cache buffer with the chunk written); expert_load [E]
+    used (the row's own, or the cache buffer with the chunk written; for a paged cache
+    the layer's pools [n_pages, page_size, Hkv, hd]); expert_load [E]
     (None for a dense block)."""
 
     x: jax.Array
@@ -69,7 +71,7 @@ class Block(nnx.Module):
                     SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, init_std=cfg.init_std, param_dtype=param_dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, valid: jax.Array,
-                 kv: LayerKV | None = None) -> BlockOut:
+                 kv: LayerKV | PagedLayerKV | None = None) -> BlockOut:
         """Pre-norm attention and MLP/MoE, each with a residual. x [B, T, d]; positions
         [B, T] (RoPE); valid [B, T] the real tokens (MoE load); kv: this layer's cache,
         the chunk's keys are written into it and attention reads it (None: the row's own)."""
@@ -129,20 +131,22 @@ class InteractionModel(nnx.Module):
         x = jnp.where((modality == Modality.VIDEO)[..., None], vid, x)
         return x + jnp.take(self.modality_embed[...], modality, axis=0).astype(dt)
 
-    def heads(self, h: jax.Array, expert_load: jax.Array, cache: KVCache | None) -> Outputs:
+    def heads(self, h: jax.Array, expert_load: jax.Array, cache: KVCache | PagedKVCache | None) -> Outputs:
         h = self.final_norm(h)
         speech = self.speech_head(h).reshape(*h.shape[:-1], self.cfg.n_mels, self.cfg.n_bins)
         return Outputs(self.text_head(h), speech, h, expert_load, cache)
 
     # ------------------------------------------------------------------------ the call
-    def __call__(self, batch: dict, cache: KVCache | None = None, n_new: jax.Array | None = None) -> Outputs:
+    def __call__(self, batch: dict, cache: KVCache | PagedKVCache | None = None,
+                 n_new: jax.Array | None = None) -> Outputs:
         """Full packed rows, or a chunk appended to a cache; returns :class:`Outputs`.
 
         batch: the layout's arrays [B, T, ...]. Without ``cache`` these are full rows
         (``segment_ids`` 0 marks padding). With ``cache`` they are the next T tokens of
         each session (``positions`` continue it; ``segment_ids`` unused) and n_new int32
         [B] says how many are real (default T); the rest is padding whose outputs are
-        meaningless and whose cache slots the next chunk overwrites.
+        meaningless and whose cache slots the next chunk overwrites (a paged cache writes
+        them nowhere).
         """
         x = self.embed(batch)
         B, T = batch["tokens"].shape
@@ -157,11 +161,11 @@ class InteractionModel(nnx.Module):
                 raise ValueError(f"a chunk of {T} tokens does not fit a cache of {cache.capacity} slots: "
                                  "make the cache larger (KVCache.empty(..., capacity=))")
             n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
-            mask = AttentionMask.for_cache(cache.lengths, n_new, T, cache.capacity)
+            mask = cache.attention_mask(n_new, T)
             valid = jnp.arange(T)[None] < n_new[:, None]
         ks, vs, loads = [], [], []
         for i, block in enumerate(self.blocks):
-            out = block(x, batch["positions"], mask, valid, None if cache is None else cache.layer(i))
+            out = block(x, batch["positions"], mask, valid, None if cache is None else cache.layer(i, n_new))
             x = out.x
             ks.append(out.k)
             vs.append(out.v)
