@@ -33,11 +33,26 @@ weights and run a one-row GEMV (``[A,1,D] @ [A,D,F]``, canonical K chunks, no ro
 padding). On XLA:CPU a one-row GEMV and a >= 51-row GEMM both accumulate each
 output as one sequential FMA chain per K chunk (chunks <= 512, output columns a
 multiple of 64), so the two paths give the same bits — this is measured, not assumed:
-``tests/kernels/test_moe.py`` checks it. ``path="auto"`` takes the GEMV path
-when there are at most ``GEMV_MAX_ASSIGNMENTS`` assignments and the widths allow it;
-an explicit ``path="gemv"`` with other widths is refused rather than silently giving
-other bits. The GEMV path's weight gradients go through a gather (scatter-add in the
-backward); it is meant for decoding.
+``tests/kernels/test_moe.py`` checks it. An explicit ``path="gemv"`` with other widths
+is refused rather than silently giving other bits. The GEMV path's weight gradients go
+through a gather (scatter-add in the backward); it is meant for decoding.
+
+``path="auto"`` is chosen **per backend, where the bits were established**
+(:data:`AUTO_PATHS`):
+
+* ``cpu``: the GEMV path for at most ``GEMV_MAX_ASSIGNMENTS`` assignments when the
+  widths allow it, else grouped — the GEMV = GEMM equality above is a measured property
+  of XLA:CPU's kernels;
+* ``cuda`` / ``rocm`` / ``tpu``: always grouped. Whether a cuBLAS / Mosaic GEMV
+  accumulates like the tiled GEMM of the same rows was never measured (and on GPU the
+  two are different library kernels with their own split strategies), so the one path
+  whose bits do not depend on the number of tokens by construction is the only one used.
+
+The choice is made with ``lax.platform_dependent``, i.e. at *lowering* time for the
+platform being compiled for, not from the tracing process's default backend: a program
+exported on a CPU host for ``platforms=["cuda"]`` or ``["tpu"]`` carries the grouped path
+(``tests/kernels/test_moe.py``). Lowered for one platform, the unused branch is dropped
+and XLA folds the constant branch index, so the CPU program is the GEMV one as before.
 
 Gradients: the dispatch gather has a ``custom_vjp`` whose backward gathers each
 token's k slot gradients and adds them in slot order (no scatter-add with
@@ -63,6 +78,11 @@ from .tiled_matmul import chunked_dot, gemv_matches_gemm, matmul
 from .tiling import K_CHUNK, ROW_TILE, lane_padded, ordered_sum, pairwise_sum, round_up, rounded
 
 GEMV_MAX_ASSIGNMENTS = 4  # gathering each assignment's expert weights only pays off for a few
+
+#: ``path="auto"`` for a small decode batch (<= GEMV_MAX_ASSIGNMENTS assignments, widths
+#: allowing GEMV), per lowering platform: the GEMV path only where its equality with the
+#: grouped path was measured (module docstring). Other platforms and larger batches: grouped.
+AUTO_PATHS: dict[str, str] = {"cpu": "gemv", "cuda": "grouped", "rocm": "grouped", "tpu": "grouped"}
 
 
 # ---------------------------------------------------------------------------
@@ -331,8 +351,15 @@ def moe_ffn(
     if mode == "standard":
         return _standard(x, experts, weights, w_gate, w_up, w_down, activation).astype(x.dtype)
     gemv_ok = gemv_matches_gemm(w_gate.shape[2], k_chunk) and gemv_matches_gemm(w_down.shape[2], k_chunk)
+    grouped = functools.partial(_grouped, activation=activation, row_tile=row_tile, k_chunk=k_chunk)
     if path == "auto":
-        path = "gemv" if experts.size <= GEMV_MAX_ASSIGNMENTS and gemv_ok else "grouped"
+        if experts.size > GEMV_MAX_ASSIGNMENTS or not gemv_ok:
+            path = "grouped"
+        else:  # small decode batch: AUTO_PATHS, decided when lowering for each platform
+            paths = {"gemv": functools.partial(_gemv, activation=activation, k_chunk=k_chunk), "grouped": grouped}
+            per_platform = {platform: paths[p] for platform, p in AUTO_PATHS.items()}
+            out = lax.platform_dependent(x, experts, weights, w_gate, w_up, w_down, **per_platform, default=grouped)
+            return out.astype(x.dtype)
     if path == "gemv":
         if not gemv_ok:
             raise ValueError(
@@ -341,7 +368,7 @@ def moe_ffn(
             )
         out = _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk)
     elif path == "grouped":
-        out = _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_chunk)
+        out = grouped(x, experts, weights, w_gate, w_up, w_down)
     else:
         raise ValueError(f"unknown path {path!r}")
     return out.astype(x.dtype)

@@ -15,9 +15,23 @@ fed to the MXU / tensor cores as bf16 with float32 accumulation (``upcast=False`
 products of bf16 values are exact in float32 either way, so only the hardware's
 in-chunk accumulation order differs, which is fixed per tile shape.
 
-Flavour constraints: ``tpu`` wants ``block_n`` a multiple of 128 or the full N (N is
-padded); ``triton`` wants power-of-two blocks, so N is padded to ``block_n`` and every
-K chunk (including the last) must be a power of two.
+Any shape is accepted; the flavours differ in how a shape is made to fit:
+
+* ``tpu`` wants ``block_n`` a multiple of 128 or the full N; the K block is the full K
+  (allowed by the (8, 128) rule for a full dimension), so no padding of K is needed.
+* ``triton`` wants every value it loads to be a power-of-two block of at least 16
+  (``tl.dot``), so N is padded to ``block_n`` and the contraction is **zero-padded
+  per chunk** (:func:`padded_chunks`): the canonical chunks of ``k_chunk`` stay where
+  they are and only the last, shorter one is padded up to the next power of two >= 16
+  (the hMLP's K = 300 -> 512, 75 -> 128, 9,600 = 18 x 512 + 384 -> 18 x 512 + 512;
+  the backward's ``dw = x.T @ dy`` contracts over the row count, whose last chunk is
+  any size). Zero padding of a contraction is exact: each padded term is ``0 * 0``
+  and ``acc + 0 = acc`` (the one exception, a sum of only negative zeros turning into
+  ``+0``, cannot change a later non-zero result). The chunk bounds — hence the
+  reduction order — are a function of (K, k_chunk) only, never of the row count, and in
+  interpret mode the padded kernel equals the unpadded jnp reference bit for bit
+  (XLA:CPU accumulates a chunk of <= 512 as one sequential FMA chain, into which
+  trailing zero products add nothing; ``tests/kernels/test_pallas.py``).
 """
 
 from __future__ import annotations
@@ -45,10 +59,38 @@ def _kernel(x_ref, w_ref, o_ref, *, chunks, upcast):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _block_n(N: int, flavour: str, block_n: int | None) -> int:
+TRITON_MIN_DOT = 16  # tl.dot wants every dimension >= 16 (and a power of two)
+
+
+def padded_chunks(K: int, k_chunk: int) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Triton-flavour contraction layout: (chunk bounds, padded K).
+
+    The canonical chunks of :func:`~tml.kernels.tiling.chunk_bounds` with the last one
+    extended to ``next_pow2(max(size, 16))`` (zeros beyond K). ``k_chunk`` must itself be
+    a power of two >= 16 so that the full chunks fit unchanged. E.g. K = 9,600,
+    k_chunk = 512 -> 19 chunks, padded K 9,728.
+    """
+    if k_chunk < TRITON_MIN_DOT or k_chunk != next_pow2(k_chunk):
+        raise ValueError(f"the triton flavour needs k_chunk a power of two >= {TRITON_MIN_DOT}; got {k_chunk} "
+                         f"(use e.g. k_chunk=512, the library's K_CHUNK)")
+    chunks = list(chunk_bounds(K, k_chunk))
+    k0, k1 = chunks[-1]
+    chunks[-1] = (k0, k0 + next_pow2(max(k1 - k0, TRITON_MIN_DOT)))
+    return tuple(chunks), chunks[-1][1]
+
+
+def _block_n(N: int, flavour: str, block_n: int | None, interpret: bool) -> int:
+    """Output columns per program. Column tiling never changes which products an output
+    sums nor their order in the algorithm, but in interpret mode XLA:CPU's GEMM (which
+    runs each block) picks its per-column accumulation from the block width: with N not a
+    multiple of 64, columns computed in a 64-wide block differed from the same columns of
+    the reference's N-wide GEMM (measured: N = 40, 75, 96). So the interpreted Triton
+    flavour takes the whole N as one block then; compiled, Triton needs a power of two."""
     if block_n is not None:
         return block_n
     if flavour == "triton":
+        if interpret and N % 64:
+            return N
         return min(64, next_pow2(N))
     return 128 if N % 128 == 0 else N
 
@@ -73,23 +115,22 @@ def matmul(
         raise ValueError(f"contraction mismatch: {x.shape} @ {w.shape}")
     out_dtype = jnp.result_type(x.dtype, w.dtype) if out_dtype is None else out_dtype
     upcast = interpret if upcast is None else upcast
-    chunks = tuple(chunk_bounds(K, k_chunk))
     if flavour == "triton":
-        bad = [b - a for a, b in chunks if (b - a) != next_pow2(b - a) or (b - a) < 16]
-        if bad:
-            raise NotImplementedError(f"triton flavour needs power-of-two K chunks >= 16; got sizes {bad} for K={K}")
-    bn = _block_n(N, flavour, block_n)
+        chunks, Kp = padded_chunks(K, k_chunk)
+    else:
+        chunks, Kp = tuple(chunk_bounds(K, k_chunk)), K
+    bn = _block_n(N, flavour, block_n, interpret)
     Mp, Np = round_up(max(M, 1), block_m), round_up(N, bn)
-    xp = pad_axis(x, 0, Mp)
-    wp = pad_axis(w, 1, Np)
+    xp = pad_axis(pad_axis(x, 0, Mp), 1, Kp)
+    wp = pad_axis(pad_axis(w, 1, Np), 0, Kp)
     kernel = functools.partial(_kernel, chunks=chunks, upcast=upcast)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((Mp, Np), out_dtype),
         grid=(Mp // block_m, Np // bn),
         in_specs=[
-            pl.BlockSpec((block_m, K), lambda i, j: (i, 0)),
-            pl.BlockSpec((K, bn), lambda i, j: (0, j)),
+            pl.BlockSpec((block_m, Kp), lambda i, j: (i, 0)),
+            pl.BlockSpec((Kp, bn), lambda i, j: (0, j)),
         ],
         out_specs=pl.BlockSpec((block_m, bn), lambda i, j: (i, j)),
         compiler_params=common.compiler_params(flavour, ("parallel", "parallel")),

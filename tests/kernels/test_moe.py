@@ -161,3 +161,23 @@ def test_rounded_is_the_identity_and_keeps_nan():
     y = jax.jit(rounded)(x)
     assert_bits_equal(y[:3], x[:3], "rounded")
     assert np.isnan(np.asarray(y)[3]) and np.asarray(y)[4] == np.float32(3e-39)
+
+
+def test_auto_path_is_chosen_per_lowering_platform():
+    """path="auto" takes the GEMV decode path only when lowering for XLA:CPU, where its
+    bits were measured equal to the grouped path; for cuda / tpu it lowers the grouped
+    path (its lax.scan over row tiles is the tell-tale ``while``), even when exported
+    from this CPU host."""
+    from jax import export
+
+    from tml.kernels.moe import AUTO_PATHS
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((2, D)), jnp.float32)  # 2 tokens x top-2 = 4 assignments
+    run = jax.jit(lambda x: moe_layer(x, 2, "batch_invariant", "auto"))
+    assert_bits_equal(run(x), moe_layer(x, 2, "batch_invariant", "gemv"), "auto = gemv on cpu")
+    assert AUTO_PATHS["cpu"] == "gemv" and {AUTO_PATHS[p] for p in ("cuda", "rocm", "tpu")} == {"grouped"}
+    loops = {p: "stablehlo.while" in export.export(run, platforms=[p])(x).mlir_module() for p in ("cpu", "cuda", "tpu")}
+    assert loops == {"cpu": False, "cuda": True, "tpu": True}, loops
+    grouped = export.export(jax.jit(lambda x: moe_layer(x, 2, "batch_invariant", "grouped")), platforms=["cpu"])(x)
+    assert "stablehlo.while" in grouped.mlir_module()  # the tell-tale is the grouped path's

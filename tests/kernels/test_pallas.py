@@ -13,7 +13,7 @@ from tml.kernels import split_kv
 from tml.kernels import attention, matmul, rms_norm
 from tml.kernels import pallas as P
 from tml.kernels.reductions import rms_norm_reference
-from tml.kernels.testing import assert_bits_equal
+from tml.kernels.testing import assert_bits_equal, bits_equal
 
 FLAVOURS = ("tpu", "triton")
 K_CHUNK = {"tpu": 512, "triton": 64}  # the chunk each flavour is built with
@@ -31,6 +31,60 @@ def test_matmul_interpret_equals_reference(flavour, M, K, N, dtype):
     out = ker(x, w)
     assert_bits_equal(out, ref, f"{flavour} matmul")
     assert_bits_equal(ker(x[:1], w), ref[:1], f"{flavour} matmul, one row")
+
+
+# The model's real matmul shapes (tiny/small configs): the hMLP's K = 300, 75, 9,600 and
+# 10,240, the router's N = 4 / 8, the byte vocabulary 269, and the backward products
+# (dx = dy @ w.T contracts over N; dw = x.T @ dy over the row count).
+REAL_SHAPES = [
+    (64, 300, 320), (70, 75, 128), (64, 9600, 64), (64, 128, 269), (130, 128, 4),  # forward
+    (64, 320, 300), (64, 4, 128), (64, 269, 128),                                # dx
+    (300, 130, 320), (128, 100, 8),                                              # dw (K = rows)
+]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("M,K,N", REAL_SHAPES)
+def test_matmul_accepts_the_model_shapes(flavour, M, K, N):
+    """Every K (and N) is accepted; the Triton flavour zero-pads the last K chunk to a power
+    of two >= 16 and still equals the unpadded reference bit for bit, for every row count."""
+    rng = np.random.default_rng(K)
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((K, N)) / np.sqrt(K), jnp.float32)
+    ref = jax.jit(lambda x, w: matmul(x, w, impl="reference", out_dtype=jnp.float32))(x, w)
+    ker = jax.jit(lambda x, w: P.matmul(x, w, flavour=flavour, interpret=True, out_dtype=jnp.float32))
+    assert_bits_equal(ker(x, w), ref, f"{flavour} matmul {M}x{K}x{N}")
+    assert_bits_equal(ker(x[:1], w), ref[:1], f"{flavour} matmul {M}x{K}x{N}, one row")
+
+
+def test_triton_padding_layout():
+    from tml.kernels.pallas.matmul_kernel import padded_chunks
+
+    assert padded_chunks(300, 512) == (((0, 512),), 512)
+    assert padded_chunks(75, 512) == (((0, 128),), 128)
+    assert padded_chunks(4, 512) == (((0, 16),), 16)
+    chunks, kp = padded_chunks(9600, 512)
+    assert len(chunks) == 19 and chunks[-1] == (9216, 9728) and kp == 9728
+    assert chunks[:18] == tuple((i * 512, (i + 1) * 512) for i in range(18))  # canonical chunks unchanged
+    with pytest.raises(ValueError, match="power of two"):
+        padded_chunks(300, 300)
+
+
+def test_xla_cpu_gemm_is_not_blind_to_zero_padding_for_short_odd_k():
+    """The one place the interpreted Triton flavour can differ from the reference, and why
+    it is not the kernel: for K = 75 contracted into N = 4 (a dw over 75 rows, the router),
+    XLA:CPU's own GEMM gives other bits for the same values zero-padded to K = 128. The
+    kernel equals the reference run on the padded operands, i.e. it runs the algorithm;
+    the rows of a training batch are whole tiles of 64, so this shape is not one the
+    trainer produces."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((128, 75)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((75, 4)), jnp.float32)
+    ref = jax.jit(lambda x, w: matmul(x, w, impl="reference"))
+    padded = ref(jnp.pad(x, ((0, 0), (0, 53))), jnp.pad(w, ((0, 53), (0, 0))))
+    assert not bits_equal(ref(x, w), padded)  # XLA:CPU, not the kernel
+    ker = jax.jit(lambda x, w: P.matmul(x, w, flavour="triton", interpret=True, out_dtype=jnp.float32))(x, w)
+    assert_bits_equal(ker, padded, "triton flavour = reference on the zero-padded contraction")
 
 
 def test_public_matmul_with_pallas_impl():
@@ -135,6 +189,18 @@ KERNELS = {
     "matmul_bf16": (
         lambda fl: functools.partial(P.matmul, flavour=fl, interpret=False, k_chunk=K_CHUNK[fl]),
         (jnp.ones((64, 512), jnp.bfloat16), jnp.ones((512, 128), jnp.bfloat16)),
+    ),
+    "matmul_hmlp_k300": (
+        lambda fl: functools.partial(P.matmul, flavour=fl, interpret=False),
+        (jnp.ones((64, 300), jnp.bfloat16), jnp.ones((300, 320), jnp.bfloat16)),
+    ),
+    "matmul_hmlp_k9600": (
+        lambda fl: functools.partial(P.matmul, flavour=fl, interpret=False),
+        (jnp.ones((64, 9600)), jnp.ones((9600, 512))),
+    ),
+    "matmul_router_dx_k4": (
+        lambda fl: functools.partial(P.matmul, flavour=fl, interpret=False),
+        (jnp.ones((64, 4)), jnp.ones((4, 128))),
     ),
     "rms_norm": (
         lambda fl: functools.partial(P.rms_norm, flavour=fl, interpret=False),
