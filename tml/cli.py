@@ -87,12 +87,20 @@ def train(cfg: DictConfig) -> None:
     print(json.dumps(summary, indent=1))
 
 
+def eval_(cfg: DictConfig) -> None:
+    """Score a policy on held-out scenarios, or a Full-Duplex-Bench folder (eval=fdb); writes eval.json."""
+    from tml.eval.run import run
+
+    run(_to_dataclass(cfg).eval)
+
+
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "train": train,
     "data build": data_build,
     "data summary": data_summary,
     "data bench": data_bench,
     "model params": model_params,
+    "eval": eval_,
 }
 
 

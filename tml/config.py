@@ -20,6 +20,7 @@ from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
+from tml.eval.config import EvalConfig
 from tml.model.config import ModelConfig
 from tml.parallel.config import ParallelConfig
 from tml.train.config import CheckpointConfig, DistributedConfig, LoggingConfig, OptimConfig, TrainerConfig
@@ -88,6 +89,7 @@ class TmlConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def register_configs() -> None:
@@ -98,3 +100,4 @@ def register_configs() -> None:
     cs.store(group="loader", name="loader_schema", node=LoaderConfig)
     cs.store(group="train", name="train_schema", node=TrainerConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
+    cs.store(group="eval", name="eval_schema", node=EvalConfig)
