@@ -36,9 +36,10 @@ from tml.eval.scenarios import SILENT, MicroTurnOutput
 class MicroTurnInput:
     """One 200 ms micro-turn of input.
 
-    audio: float32 [3200] user audio at 16 kHz; dmel: uint8 [4, 80] its dMel bins;
-    video: uint8 [P, 2, 40, 40, 3] patches of this micro-turn's frame pair, or None;
-    typed / background: text that arrived during the micro-turn.
+    audio: float32 [3200] user audio at 16 kHz; dmel: uint8 [4, 80] its dMel bins (as the
+    corpus stores them); video: uint8 [2, H, W, 3] this micro-turn's frame pair (10 fps),
+    or None -- raw frames, as the sampler's ``TurnInputs.video`` takes them; typed /
+    background: text that arrived during the micro-turn.
     """
 
     index: int

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tml.eval.aggregate import aggregate
 from tml.eval.config import EvalConfig
 from tml.eval.policies import AlwaysSilent, MicroTurnInput, Policy, Sample, ScriptedOracle, stream, targets
@@ -70,8 +72,12 @@ def _inputs(conv, micro_turns) -> Iterator[MicroTurnInput]:
 
     audio = pad_to_micro_turns(conv.user_audio)
     for t, m in enumerate(micro_turns):
+        pair = None
+        if conv.video is not None and 2 * t < len(conv.video):
+            pair = conv.video[2 * t:2 * t + 2]
+            pair = pair if len(pair) == 2 else np.concatenate([pair, pair])  # an odd last frame, duplicated
         yield MicroTurnInput(t, audio[t * SAMPLES_PER_MICRO_TURN:(t + 1) * SAMPLES_PER_MICRO_TURN],
-                             m.user_audio, m.video, m.typed, m.background)
+                             m.user_audio, pair, m.typed, m.background)
 
 
 def prepare(scenario: str, seed: int, k: int) -> Prepared:

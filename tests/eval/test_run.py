@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.eval import fdb_layout
@@ -139,6 +140,10 @@ def test_stream_batches_sessions_in_ticks():
     for s in samples:
         idx = [t[s.sample_id] for t in seen if s.sample_id in t]
         assert idx == list(range(s.n_micro_turns))
+    rep = samples[2]  # rep_count: the video arrives as one raw frame pair per micro-turn
+    xs = list(rep.inputs())
+    assert all(x.video.shape == (2, 80, 80, 3) and x.video.dtype == np.uint8 for x in xs)
+    assert all(x.audio.shape == (3200,) and x.dmel.shape == (4, 80) for x in xs)
 
 
 def test_wrong_output_length_is_a_sample_error():
