@@ -373,9 +373,10 @@ def window(ref: Reference, parts: ModelParts, t0: int, t1: int, annotations: Ann
             f"{ref.n_micro_turns}; a policy must answer every micro-turn once"
         )
     lo, hi = t0 / MICRO_TURNS_PER_S, t1 / MICRO_TURNS_PER_S
+    length = (t1 - t0) / MICRO_TURNS_PER_S  # the window Timeline's duration, computed as it computes it
 
     def shift(x: float) -> float:
-        return min(max(x - lo, 0.0), hi - lo)
+        return min(max(x - lo, 0.0), length)
 
     def clip_words(ws: Sequence[Word], by_start: bool) -> tuple[Word, ...]:
         out = []

@@ -146,6 +146,18 @@ def test_stream_batches_sessions_in_ticks():
     assert all(x.audio.shape == (3200,) and x.dmel.shape == (4, 80) for x in xs)
 
 
+def test_window_end_rounding_stays_inside_the_window():
+    """A word cut at a window end lands exactly on the window's duration (18/5), not on
+    42/5 - 24/5 = 3.6000000000000005 (seen on turn_taking held-out conversation 3)."""
+    from tml.eval.scenarios import model_parts, window
+    from tml.eval.timeline import Annotations
+
+    p = prepare("turn_taking", 0, 0)
+    outs = [MicroTurnOutput(b"word ", True)] * p.ref.n_micro_turns
+    tl = window(p.ref, model_parts(outs), 24, 42, Annotations(), "w")
+    assert tl.model_words[-1].end == tl.duration == 3.6
+
+
 def test_wrong_output_length_is_a_sample_error():
     from tml.eval.scenarios import SampleError, score
 
