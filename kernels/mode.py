@@ -45,6 +45,8 @@ IMPLS: tuple[str, ...] = ("auto", "reference", "pallas")
 
 _mode = jax.make_user_context(BATCH_INVARIANT)
 _impl = jax.make_user_context("auto")
+PLATFORMS: tuple[str, ...] = ("cpu", "cuda", "rocm", "tpu")
+_target = jax.make_user_context(None)  # None = this process's backend
 
 
 def _check(mode: str) -> str:
@@ -110,9 +112,37 @@ def kernel_impl(impl: str) -> Iterator[str]:
         yield impl
 
 
+@contextlib.contextmanager
+def compile_target(platform: str) -> Iterator[str]:
+    """Trace for ``platform`` ("cpu", "cuda", "rocm", "tpu") instead of this process's backend.
+
+    For ahead-of-time compilation and ``jax.export`` from a CPU host: inside, ``impl="auto"``
+    resolves as on that platform (Pallas on cuda/rocm/tpu) and the Pallas kernels take
+    that platform's flavour, compiled rather than interpreted (``triton`` for cuda/rocm,
+    Mosaic ``tpu`` for tpu). Like the mode, the target is part of every jit cache key::
+
+        with compile_target("tpu"):
+            jax.export.export(jax.jit(step), platforms=["tpu"])(*shapes)
+    """
+    if platform not in PLATFORMS:
+        raise ValueError(f"unknown compile target {platform!r}; expected one of {PLATFORMS}")
+    with _target(platform):
+        yield platform
+
+
+def target_platform() -> str:
+    """The platform being traced for: the :func:`compile_target` override, else this
+    process's backend (``"gpu"`` reported as ``"cuda"``)."""
+    if _target.value is not None:
+        return _target.value
+    backend = jax.default_backend()
+    return "cuda" if backend == "gpu" else backend
+
+
 def resolve_impl(impl: str | None) -> str:
-    """Concrete implementation for a batch_invariant op: ``"reference"`` or ``"pallas"``."""
+    """Concrete implementation for a batch_invariant op: ``"reference"`` or ``"pallas"``
+    (``"auto"``: Pallas when tracing for cuda/rocm/tpu, :func:`target_platform`)."""
     impl = _check_impl(_impl.value if impl is None else impl)
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "reference"
+        return "pallas" if target_platform() in ("cuda", "rocm", "tpu") else "reference"
     return impl

@@ -35,6 +35,7 @@ from typing import Any
 import jax
 from jax import export as jax_export
 
+from ..mode import target_platform
 from ..tiling import pairwise_sum
 
 FLAVOURS = ("tpu", "triton")
@@ -42,12 +43,14 @@ TRITON_CUSTOM_CALL = "__gpu$xla.gpu.triton"
 
 
 def default_flavour() -> str:
-    return "triton" if jax.default_backend() in ("gpu", "cuda", "rocm") else "tpu"
+    """``triton`` when tracing for cuda/rocm, else ``tpu`` (:func:`tml.kernels.mode.target_platform`,
+    so ``compile_target("cuda")`` on a CPU host picks Triton)."""
+    return "triton" if target_platform() in ("cuda", "rocm") else "tpu"
 
 
 def default_interpret() -> bool:
-    """Interpret on CPU (no accelerator to compile for)."""
-    return jax.default_backend() == "cpu"
+    """Interpret when tracing for CPU (no accelerator to compile for)."""
+    return target_platform() == "cpu"
 
 
 def resolve(flavour: str | None, interpret: bool | None) -> tuple[str, bool]:
@@ -76,9 +79,14 @@ def row_sum(x: jax.Array, flavour: str, interpret: bool) -> jax.Array:
     return pairwise_sum(x, -1, keepdims=True, spelling="slices")
 
 
+def export_disabled_checks(platform: str) -> list:
+    """The safety checks ``jax.export`` must skip for ``platform``: the Triton custom call."""
+    if platform in ("cuda", "rocm"):
+        return [jax_export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+    return []
+
+
 def export_for(fn: Callable[..., Any], platform: str, *args: Any) -> jax_export.Exported:
     """``jax.export`` ``jax.jit(fn)`` for ``platform`` ("cuda", "rocm" or "tpu")."""
-    disabled = []
-    if platform in ("cuda", "rocm"):
-        disabled = [jax_export.DisabledSafetyCheck.custom_call(TRITON_CUSTOM_CALL)]
+    disabled = export_disabled_checks(platform)
     return jax_export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(*args)
