@@ -3,6 +3,7 @@
     python -m tml.kernels.bench                     # tiny + small shapes, writes bench_results/kernels.json
     python -m tml.kernels.bench --out my.json --configs tiny --repeats 5
     python -m tml.kernels.bench --quick             # a smoke run (few shapes, 1 repeat)
+    python -m tml.kernels.bench --paged             # paged_attention vs pool / page-table size
 
 Shapes follow ``recipes/model/{tiny,small}.yaml`` (d_model, heads, head_dim, d_ff,
 experts) and three regimes:
@@ -33,6 +34,7 @@ import numpy as np
 from tml.bench_report import environment, write_report
 
 from .moe import moe_ffn, route_topk
+from .paged_attention import paged_attention, paged_write
 from .reductions import log_softmax, rms_norm
 from .split_kv_attention import attention
 from .tiled_matmul import matmul
@@ -178,6 +180,58 @@ def _summary(rows: list[dict]) -> dict:
     return out
 
 
+PAGED_SCALES = (1, 4, 16)
+
+
+def paged_scaling(repeats: int = 7, scales=PAGED_SCALES, length: int = 512, page_size: int = 128) -> list[dict]:
+    """``paged_attention`` for 4 sessions of ``length`` keys (tiny heads) against pools and
+    page tables 1x, 4x, 16x larger: compile time (first call) and run time (median)
+    of a decode step and a 24-token prefill chunk, next to the gather-then-attend
+    ``standard`` path, whose cost grows with the page table."""
+    c = CONFIGS["tiny"]
+    B, hq, hkv, hd = 4, c["hq"], c["hkv"], c["hd"]
+    rng = np.random.default_rng(0)
+    rows = []
+    base_pages = -(-length // page_size)
+    for scale in scales:
+        P = base_pages * scale
+        n_pages = B * P
+        table = jnp.asarray(rng.permutation(n_pages).reshape(B, P), jnp.int32)
+        pool = jnp.zeros((n_pages, page_size, hkv, hd), jnp.float32)
+        new = _rand(rng, (B, length, hkv, hd))
+        kp, vp = jax.jit(paged_write)(pool, pool, table, new, new, jnp.zeros((B,), jnp.int32),
+                                      jnp.full((B,), length, jnp.int32))
+        lens = jnp.full((B,), length, jnp.int32)
+        for regime, tq in (("decode", 1), ("prefill", PREFILL_CHUNK)):
+            q = _rand(rng, (B, tq, hq, hd))
+            pos = lens[:, None] - tq + jnp.arange(tq, dtype=jnp.int32)[None]
+            row = {"scale": scale, "n_pages": n_pages, "pages_per_session": P, "regime": regime, "tq": tq}
+            for mode in ("batch_invariant", "standard"):
+                fn = jax.jit(lambda q, kp, vp, _m=mode: paged_attention(
+                    q, kp, vp, table, q_positions=pos, kv_lengths=lens, mode=_m))
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(q, kp, vp))
+                row[f"{mode}_compile_s"] = time.perf_counter() - t0
+                one = max(_time_once(lambda: fn(q, kp, vp), 1), 1e-6)
+                inner = max(1, min(200, int(0.002 / one)))
+                row[f"{mode}_us"] = statistics.median(
+                    _time_once(lambda: fn(q, kp, vp), inner) for _ in range(repeats)) * 1e6
+            rows.append(row)
+            print(f"  measured paged x{scale} {regime}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _paged_table(rows: list[dict]) -> str:
+    head = (f"{'pool':>5} {'pages':>6} {'P':>4} {'regime':<8} {'bi us':>9} {'bi compile s':>12} "
+            f"{'std(gather) us':>14} {'std compile s':>13}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{'x' + str(r['scale']):>5} {r['n_pages']:>6} {r['pages_per_session']:>4} {r['regime']:<8} "
+                     f"{r['batch_invariant_us']:>9.1f} {r['batch_invariant_compile_s']:>12.2f} "
+                     f"{r['standard_us']:>14.1f} {r['standard_compile_s']:>13.2f}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m tml.kernels.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_results/kernels.json", help="JSON output path")
@@ -185,8 +239,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=7, help="timing samples per mode")
     ap.add_argument("--ops", default="", help="only these ops (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="few shapes, one sample (smoke test)")
+    ap.add_argument("--paged", action="store_true",
+                    help="only paged_attention against 1x, 4x, 16x pools (writes bench_results/kernels_paged.json)")
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
+    if args.paged:
+        rows = paged_scaling(repeats)
+        table = _paged_table(rows)
+        print(table)
+        result = {"meta": {**environment(), "repeats": repeats,
+                           "note": "4 sessions x 512 keys, tiny heads, pages of 128; pools and page tables scaled"},
+                  "results": rows, "table": table}
+        out = args.out if args.out != "bench_results/kernels.json" else "bench_results/kernels_paged.json"
+        if out:
+            write_report(out, result)
+        return result
     configs = [s for s in args.configs.split(",") if s]
     ops = {s for s in args.ops.split(",") if s}
     rows = []

@@ -60,9 +60,11 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from .mode import resolve_impl, resolve_mode
@@ -70,6 +72,7 @@ from .pallas.attention_kernel import attention_forward
 from .split_kv import (
     LN2,
     NEG,
+    PAD_QUERY_SEGMENT,
     SEGMENT_SENTINEL,
     Layout,
     combine,
@@ -84,6 +87,7 @@ from .split_kv import (
 from .tiling import LANES, SPLIT_SIZE, ordered_sum, pad_axis, pairwise_sum, round_up
 
 _HIGHEST = lax.Precision.HIGHEST
+QUERY_BLOCK = 64  # query positions per block of a full row: a constant, never derived from the row count
 
 
 def _split_views(L: Layout, split_size: int, causal: bool, window: int | None):
@@ -122,26 +126,162 @@ def reference_forward(L: Layout, causal: bool, window: int | None, split_size: i
     return out[:, :, :R], c[:, :, :R], l[:, :, :R]
 
 
-def _forward(L: Layout, causal, window, split_size, impl):
+class BlockPlan(NamedTuple):
+    """Which (query block, KV split) pairs a full row visits; static numpy int32 arrays.
+
+    pair_block, pair_split [n_pairs] (block-major, splits ascending);
+    by_block [n_blocks, max_splits]: pair index of each block's m-th split, ``n_pairs``
+    (a fully masked dummy pair) past the block's last; by_split [n_splits, max_blocks]:
+    pair index of each split's n-th visiting block (ascending), ``n_pairs`` past the last.
+    """
+
+    pair_block: np.ndarray
+    pair_split: np.ndarray
+    by_block: np.ndarray
+    by_split: np.ndarray
+
+
+@functools.lru_cache(maxsize=512)
+def block_plan(n_queries, offset, n_slots, causal, window, split_size, skip=True) -> BlockPlan:
+    """The static visiting plan for ``n_queries`` queries at slots ``offset + t`` against
+    ``n_slots`` KV slots (a multiple of ``split_size``), cut into blocks of
+    ``QUERY_BLOCK``. With ``skip`` a block visits only splits ``[lo, hi]``: ``hi`` the
+    split of its last query (causal), ``lo`` the split of its first query minus
+    ``window - 1`` (sliding window); without, every split (the unskipped version the
+    tests compare against)."""
+    n_blocks = max(1, -(-n_queries // QUERY_BLOCK))
+    n_splits = n_slots // split_size
+    pairs = []
+    for i in range(n_blocks):
+        lo, hi = 0, n_splits - 1
+        if skip:
+            p_min = offset + i * QUERY_BLOCK
+            p_max = offset + min((i + 1) * QUERY_BLOCK, max(n_queries, 1)) - 1
+            hi_key = p_max if causal else (p_max + window - 1 if window is not None else n_slots - 1)
+            lo_key = max(p_min - window + 1, 0) if window is not None else 0
+            hi_key = min(hi_key, n_slots - 1)
+            lo, hi = lo_key // split_size, (hi_key // split_size if hi_key >= lo_key else -1)
+        pairs += [(i, j) for j in range(lo, hi + 1)]
+    n_pairs = len(pairs)
+    per_block = [[n for n, (i, _) in enumerate(pairs) if i == b] for b in range(n_blocks)]
+    per_split = [[n for n, (_, j) in enumerate(pairs) if j == s] for s in range(n_splits)]
+
+    def grid(rows):
+        width = max(1, max(len(r) for r in rows))
+        return np.array([r + [n_pairs] * (width - len(r)) for r in rows], np.int32)
+
+    pb = np.array([i for i, _ in pairs], np.int32)
+    ps = np.array([j for _, j in pairs], np.int32)
+    return BlockPlan(pb, ps, grid(per_block), grid(per_split))
+
+
+def _with_dummy(x, value, axis=2):
+    """Append one pair of ``value`` (the fully masked split) along the pair axis."""
+    return pad_axis(x, axis, x.shape[axis] + 1, value)
+
+
+def _pair_views(L: Layout, plan: BlockPlan, split_size, causal, window):
+    """The visited pairs: q [B,H,nP,QBr,D], k [B,H,nP,S,D], v [B,H,nP,S,Dv], mask [B,1|H,nP,QBr,S]."""
+    B, H, Rb, D = L.qs.shape
+    nQB = plan.by_block.shape[0]
+    S = split_size
+    nS = L.k.shape[2] // S
+    pb, ps = jnp.asarray(plan.pair_block), jnp.asarray(plan.pair_split)
+    qp = L.qs.reshape(B, H, nQB, Rb // nQB, D)[:, :, pb]
+    kp = L.k.reshape(B, H, nS, S, D)[:, :, ps]
+    vp = L.v.reshape(B, H, nS, S, L.v.shape[-1])[:, :, ps]
+    q_pos = L.q_pos.reshape(B, nQB, Rb // nQB)[:, pb][:, None, :, :, None]
+    q_seg = L.q_seg.reshape(B, nQB, Rb // nQB)[:, pb][:, None, :, :, None]
+    kv_idx = (ps[:, None] * S + jnp.arange(S, dtype=jnp.int32)[None, :])[None, None, :, None, :]
+    kv_seg = L.kv_seg.reshape(B, nS, S)[:, ps][:, None, :, None, :]
+    return qp, kp, vp, visible(q_pos, q_seg, kv_idx, kv_seg, causal, window)
+
+
+def _pair_scores(qp, kp):
+    return lax.dot_general(qp, kp, (((4,), (4,)), ((0, 1, 2), (0, 1, 2))), precision=_HIGHEST,
+                           preferred_element_type=jnp.float32)
+
+
+def blocked_forward(L: Layout, plan: BlockPlan, causal: bool, window: int | None, split_size: int):
+    """The reference forward over the plan's pairs only (rows padded to whole query
+    blocks) -> (out [B,H,Rb,Dv], c, l [B,H,Rb,1]); bit for bit :func:`reference_forward`."""
+    B, H, Rb, _ = L.qs.shape
+    nQB = plan.by_block.shape[0]
+    qp, kp, vp, mask = _pair_views(L, plan, split_size, causal, window)
+    c_s, l_s, o_s = split_partials(_pair_scores(qp, kp), mask, vp)  # [B, H, nP, QBr, 1|Dv]
+    c_s, l_s, o_s = _with_dummy(c_s, NEG), _with_dummy(l_s, 0), _with_dummy(o_s, 0)
+    state = init_state((B, H, nQB, Rb // nQB), L.v.shape[-1])
+    for m in range(plan.by_block.shape[1]):  # each block's m-th split, left to right
+        idx = jnp.asarray(plan.by_block[:, m])
+        state = combine(state, c_s[:, :, idx], l_s[:, :, idx], o_s[:, :, idx])
+    out, c, l = finalize(state)
+    return out.reshape(B, H, Rb, -1), c.reshape(B, H, Rb, 1), l.reshape(B, H, Rb, 1)
+
+
+def _blocked_backward(L: Layout, plan: BlockPlan, causal, window, split_size, out, c, l, dout):
+    """The backward over the plan's pairs: dq per block summed over its splits left to
+    right, dk/dv per split summed over its visiting blocks left to right."""
+    B, H, Rb, D = L.qs.shape
+    nQB, QBr = plan.by_block.shape[0], Rb // plan.by_block.shape[0]
+    pb = jnp.asarray(plan.pair_block)
+    qp, kp, vp, mask = _pair_views(L, plan, split_size, causal, window)
+    s = _pair_scores(qp, kp)
+    blocks = lambda x: x.reshape(B, H, nQB, QBr, x.shape[-1])[:, :, pb]  # noqa: E731
+    do = dout.astype(jnp.float32)
+    rl = 1.0 / jnp.where(l > 0, l, 1.0)
+    p = jnp.where(mask, jnp.exp2(s - blocks(c)) * blocks(rl), 0.0)  # [B, H, nP, QBr, S]
+    di = blocks(pairwise_sum(do * out, -1, keepdims=True))
+    dob = blocks(do)
+    batch = ((0, 1, 2), (0, 1, 2))
+    dv_p = lax.dot_general(p, dob, (((3,), (3,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(dob, vp, (((4,), (4,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
+    ds = p * (dp - di) * LN2  # gradient w.r.t. the base-2 scores
+    dq_p = lax.dot_general(ds, kp, (((4,), (3,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
+    dk_p = lax.dot_general(ds, qp, (((3,), (3,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+    def fold(parts, index):  # parts [B,H,nP,...] -> [B,H,len(index),...], columns added left to right
+        parts = _with_dummy(parts, 0)
+        acc = parts[:, :, jnp.asarray(index[:, 0])]
+        for m in range(1, index.shape[1]):
+            acc = acc + parts[:, :, jnp.asarray(index[:, m])]
+        return acc
+
+    dq = fold(dq_p, plan.by_block).reshape(B, H, Rb, D)
+    dk = fold(dk_p, plan.by_split).reshape(L.k.shape)
+    dv = fold(dv_p, plan.by_split).reshape(L.v.shape)
+    return dq, dk, dv
+
+
+def _forward(L: Layout, causal, window, split_size, impl, plan=None):
     if impl == "pallas":
         return attention_forward(L, causal=causal, window=window, split_size=split_size)
+    if plan is not None:
+        return blocked_forward(L, plan, causal, window, split_size)
     return reference_forward(L, causal, window, split_size)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _bi_attention(L: Layout, causal, window, split_size, impl):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _bi_attention(L: Layout, causal, window, split_size, impl, plan_key=None):
     """out [B, H, R, Dv] f32; differentiable in ``L.qs``, ``L.k``, ``L.v`` (the int32
-    fields get no cotangent)."""
-    return _forward(L, causal, window, split_size, impl)[0]
+    fields get no cotangent). ``plan_key``: the :func:`block_plan` arguments of a full
+    row (rows padded to whole query blocks), or ``None`` (every split)."""
+    return _forward(L, causal, window, split_size, impl, _plan(plan_key))[0]
 
 
-def _bi_attention_fwd(L: Layout, causal, window, split_size, impl):
-    out, c, l = _forward(L, causal, window, split_size, impl)
+def _plan(plan_key):
+    return None if plan_key is None else block_plan(*plan_key)
+
+
+def _bi_attention_fwd(L: Layout, causal, window, split_size, impl, plan_key=None):
+    out, c, l = _forward(L, causal, window, split_size, impl, _plan(plan_key))
     return out, (L, out, c, l)
 
 
-def _bi_attention_bwd(causal, window, split_size, impl, res, dout):
+def _bi_attention_bwd(causal, window, split_size, impl, plan_key, res, dout):
     L, out, c, l = res
+    if plan_key is not None:
+        dq, dk, dv = _blocked_backward(L, _plan(plan_key), causal, window, split_size, out, c, l, dout)
+        return (L._replace(qs=dq, k=dk, v=dv, q_pos=None, q_seg=None, kv_seg=None),)
     nS, k5, v5, mask = _split_views(L, split_size, causal, window)
     B, H, R, D = L.qs.shape
     do = dout.astype(jnp.float32)
@@ -204,5 +344,19 @@ def attention(
     if resolve_mode(mode) == "standard":
         return _standard(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, bool(causal), window, scale)
     L = prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, scale, split_size)
-    out = _bi_attention(L, bool(causal), window, int(split_size), resolve_impl(impl))
+    plan_key = None
+    if q_positions is None:  # a full row (queries on the last Tq slots): skip splits statically
+        B, Tq, Hq, _ = q.shape
+        G = Hq // k.shape[2]
+        L = _pad_rows(L, round_up(max(Tq, 1), QUERY_BLOCK) * G)
+        plan_key = (Tq, k.shape[1] - Tq, L.k.shape[2], bool(causal), window, int(split_size), True)
+    out = _bi_attention(L, bool(causal), window, int(split_size), resolve_impl(impl), plan_key)
     return unprepare(out, q.shape, q.dtype)
+
+
+def _pad_rows(L: Layout, rows: int) -> Layout:
+    """Pad the query rows to ``rows`` with rows that see no key."""
+    if L.qs.shape[2] >= rows:
+        return L
+    return L._replace(qs=pad_axis(L.qs, 2, rows), q_pos=pad_axis(L.q_pos, 1, rows),
+                      q_seg=pad_axis(L.q_seg, 1, rows, PAD_QUERY_SEGMENT))

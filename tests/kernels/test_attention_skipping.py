@@ -1,0 +1,104 @@
+"""Training rows visit only the splits with visible keys: the static block plan (causal,
+sliding window), and the forward and every gradient (dq, dk, dv) bit for bit equal to
+the unskipped version (every block against every split); forward and dq also equal the
+unblocked path (explicit query positions). The ``standard`` companion: dense attention
+over only the keys a block can see differs from the full row in its bits."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tml.kernels import attention
+from tml.kernels.split_kv import prepare, unprepare
+from tml.kernels.split_kv_attention import QUERY_BLOCK, _bi_attention, _pad_rows, block_plan
+from tml.kernels.testing import assert_bits_equal, bits_equal
+from tml.kernels.tiling import round_up
+
+HKV, G, D, T = 2, 2, 32, 200
+
+
+def test_block_plan_is_constant_blocks_and_skips_masked_splits():
+    assert QUERY_BLOCK == 64
+    causal = block_plan(256, 0, 256, True, None, 64)
+    assert causal.pair_block.tolist() == [0, 1, 1, 2, 2, 2, 3, 3, 3, 3]
+    assert causal.pair_split.tolist() == [0, 0, 1, 0, 1, 2, 0, 1, 2, 3]
+    assert causal.by_block.shape == (4, 4) and causal.by_split.shape == (4, 4)
+    assert causal.by_block[0].tolist() == [0, 10, 10, 10]  # 10 = the fully masked dummy pair
+    windowed = block_plan(1024, 0, 1024, True, 256, 64)  # the `small` attention layer
+    assert len(windowed.pair_block) == 1 + 2 + 3 + 4 + 12 * 5  # vs 256 pairs unskipped, 136 causal only
+    assert all(len(set(windowed.pair_split[windowed.pair_block == b])) == min(b + 1, 5) for b in range(16))
+    assert len(block_plan(1024, 0, 1024, True, 256, 64, skip=False).pair_block) == 256
+    # the block is in query positions whatever the row length: 1 block for 1..64 queries
+    assert block_plan(7, 0, 64, True, None, 64).by_block.shape == (1, 1)
+
+
+def _problem(seed, packed):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((2, T, HKV * G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, T, HKV, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, T, HKV, D)), jnp.float32)
+    seg = np.zeros((2, T), np.int32)
+    if packed:
+        seg[:, 64:] = 1
+        seg[1, 137:] = 2
+    dout = jnp.asarray(rng.standard_normal((2, T, HKV * G, D)), jnp.float32)
+    return q, k, v, jnp.asarray(seg), dout
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "window", "skip"))
+def _out_and_grads(q, k, v, seg, dout, causal, window, skip):
+    def f(q, k, v):
+        L = prepare(q, k, v, None, seg, seg, None, D**-0.5, 64)
+        L = _pad_rows(L, round_up(T, QUERY_BLOCK) * G)
+        out = _bi_attention(L, causal, window, 64, "reference", (T, 0, L.k.shape[2], causal, window, 64, skip))
+        return unprepare(out, q.shape, q.dtype)
+
+    out, vjp = jax.vjp(f, q, k, v)
+    return (out, *vjp(dout))
+
+
+@pytest.mark.parametrize("causal,window,packed", [(True, None, True), (True, 50, False), (False, 70, True)])
+def test_skipping_changes_no_bits_forward_and_gradients(causal, window, packed):
+    q, k, v, seg, dout = _problem(3, packed)
+    skipped = _out_and_grads(q, k, v, seg, dout, causal, window, True)
+    full = _out_and_grads(q, k, v, seg, dout, causal, window, False)
+    for a, b, name in zip(skipped, full, ("out", "dq", "dk", "dv")):
+        assert_bits_equal(a, b, f"{name}: skipped vs unskipped (causal={causal}, window={window})")
+    # the public call is the skipping version
+    public = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, sliding_window=window)
+    assert_bits_equal(public, skipped[0], "attention() full row")
+
+
+def test_full_row_equals_unblocked_path_forward_and_dq():
+    """Explicit q_positions take the unblocked path (every split, one GEMM per split)."""
+    q, k, v, seg, dout = _problem(4, True)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
+
+    def loss(q, k, v, positions):
+        o = attention(q, k, v, q_positions=positions, q_segment_ids=seg, kv_segment_ids=seg, sliding_window=90)
+        return jnp.sum(o * dout), o
+
+    blocked = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, None), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    plain = jax.jit(jax.grad(lambda q, k, v: loss(q, k, v, pos), argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    assert_bits_equal(blocked[1], plain[1], "forward")
+    assert_bits_equal(blocked[0][0], plain[0][0], "dq")
+    for a, b in zip(blocked[0][1:], plain[0][1:]):  # dk, dv: summed per query block, then over blocks
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=2e-5)
+
+
+def test_standard_mode_skipping_changes_bits():
+    """Dense attention of the first query block against only the keys it can see
+    (what skipping means for a dense kernel) differs from the same queries in the full row."""
+    q, k, v, _, _ = _problem(5, False)
+    std = jax.jit(functools.partial(attention, mode="standard"))
+    full = np.asarray(std(q, k, v, q_positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))))
+    pos = jnp.broadcast_to(jnp.arange(QUERY_BLOCK, dtype=jnp.int32), (2, QUERY_BLOCK))
+    cut = np.asarray(std(q[:, :QUERY_BLOCK], k[:, :QUERY_BLOCK], v[:, :QUERY_BLOCK], q_positions=pos))
+    assert not bits_equal(cut, full[:, :QUERY_BLOCK])
+    np.testing.assert_allclose(cut, full[:, :QUERY_BLOCK], atol=3e-6, rtol=3e-6)
+    # batch_invariant on the same cut
+    bi = jax.jit(attention)
+    assert_bits_equal(bi(q[:, :QUERY_BLOCK], k[:, :QUERY_BLOCK], v[:, :QUERY_BLOCK], q_positions=pos),
+                      bi(q, k, v)[:, :QUERY_BLOCK], "batch_invariant: first block alone vs in the row")
