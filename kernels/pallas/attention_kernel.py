@@ -6,13 +6,17 @@ r = t * G + g per KV head, already scaled):
     qs [B, H, R, D], k [B, H, Tkp, D], v [B, H, Tkp, Dv], q_pos/q_seg [B, R], kv_seg [B, Tkp]
     -> out [B, H, R, Dv] float32, c [B, H, R, 1], l [B, H, R, 1] (final shift and sum)
 
-One program per (batch, KV head, block of ``block_q`` query rows). The program walks
+One program per (batch, KV head, block of ``BLOCK_Q`` query rows). The program walks
 the KV splits of ``split_size`` slots from slot 0 upward and folds each split's
 partials (max, pairwise-tree sum, exp(s - max) @ v) into the running (m, l, o) with
 :func:`tml.kernels.split_kv.combine` — the same helper functions the jnp reference
 calls, so the arithmetic is the same op for op. This backend imports the shared pieces
 (:mod:`tml.kernels.split_kv`), never the API module that calls it.
 
+* ``BLOCK_Q = 64`` query rows per program, a constant: the rows are padded to whole
+  blocks (with rows that see no key), so a decode step, a prefill chunk and a training
+  row run the same per-row program and reduction order (it used to be derived from the
+  row count: 16 rows for decode, 64 for training, issue 11).
 * ``tpu`` flavour: the split index is the last grid axis ("arbitrary"), the running
   (c, l, o) live in VMEM scratch; blocks obey the (8, 128) rule (segment ids are
   passed as [B, R, 1] and [B, nS, 1, S]).
@@ -49,6 +53,7 @@ from ..tiling import next_pow2, pad_axis, round_up
 from . import common
 
 _SQ = pl.squeezed if hasattr(pl, "squeezed") else None
+BLOCK_Q = 64  # query rows per program: a constant, never derived from the row count
 
 
 def _split(q, k, v, qpos, qseg, kvseg, kv0, S, causal, window, sum_fn):
@@ -114,7 +119,6 @@ def attention_forward(
     split_size: int = 64,
     flavour: str | None = None,
     interpret: bool | None = None,
-    block_q: int | None = None,
 ):
     """Split-KV attention on the kernel layout -> (out [B,H,R,Dv], c [B,H,R,1], l [B,H,R,1])."""
     flavour, interpret = common.resolve(flavour, interpret)
@@ -123,7 +127,7 @@ def attention_forward(
     S = split_size
     if Tkp % S:
         raise ValueError("kv length must be padded to the split size (use tml.kernels.split_kv.prepare)")
-    bq = block_q or min(64, round_up(max(R, 1), 16))
+    bq = BLOCK_Q
     Rp = round_up(max(R, 1), bq)
     qs = pad_axis(L.qs, 2, Rp)
     q_pos = pad_axis(L.q_pos, 1, Rp)

@@ -102,3 +102,21 @@ def test_standard_mode_skipping_changes_bits():
     bi = jax.jit(attention)
     assert_bits_equal(bi(q[:, :QUERY_BLOCK], k[:, :QUERY_BLOCK], v[:, :QUERY_BLOCK], q_positions=pos),
                       bi(q, k, v)[:, :QUERY_BLOCK], "batch_invariant: first block alone vs in the row")
+
+
+@pytest.mark.parametrize("flavour", ["tpu", "triton"])
+def test_pallas_query_block_is_a_constant(flavour):
+    """The Pallas forward's query block does not follow the row count: decode (2 rows),
+    a prefill chunk (48 rows) and a training row (512 rows) all run blocks of BLOCK_Q."""
+    from tml.kernels.pallas.attention_kernel import BLOCK_Q, attention_forward
+
+    sizes = []
+    for tq in (1, 24, 256):
+        q = jnp.zeros((1, tq, 4, 32))
+        k = jnp.zeros((1, 256, 2, 32))
+        L = prepare(q, k, k, jnp.zeros((1, tq), jnp.int32), None, None, None, 0.1, 64)
+        jaxpr = jax.make_jaxpr(lambda L: attention_forward(L, flavour=flavour, interpret=True))(L)
+        (call,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "pallas_call"]
+        q_block = call.params["grid_mapping"].block_mappings[3].block_shape  # qs [B, H, rows, D]
+        sizes.append(getattr(q_block[2], "block_size", q_block[2]))
+    assert sizes == [BLOCK_Q] * 3, sizes
