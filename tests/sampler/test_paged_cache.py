@@ -1,72 +1,16 @@
-"""The paged KV cache in the model: chunks appended through page tables give the bits of
-the full training row; writes never land outside a session's pages."""
+"""The paged KV cache's write never lands outside a session's pages. (Chunks appended
+through page tables giving the training row's bits: tests/sampler/test_alignment.py.)"""
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
-from flax import nnx
 
-from tests.model.tiny_model import CFG, make_batch, tiny_model
-from tml import kernels
-from tml.model.kv_cache import RESERVED_PAGE, PagedKVCache, paged_write
+from tml.model.kv_cache import RESERVED_PAGE, paged_write
 
-KEYS = ("tokens", "modality", "positions", "segment_ids", "dmel", "patch_index")
 PAGE = 64
 
 
 def bits(x):
     return np.asarray(x).view(np.uint32)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-def run_paged(model, batch, segs, tables, chunk, step):
-    """Feed segments ``segs`` of row 0 (one session each, batched) in chunks of ``chunk``
-    through their page tables; -> text logits per session at its positions."""
-    idxs = [np.flatnonzero(np.asarray(batch["segment_ids"][0]) == s) for s in segs]
-    n_pages = int(np.max(tables)) + 2
-    k, v = PagedKVCache.empty_pool(CFG, n_pages, PAGE)
-    cache = PagedKVCache(k, v, jnp.asarray(tables, jnp.int32), jnp.zeros(len(segs), jnp.int32))
-    outs = [[] for _ in segs]
-    done = [0] * len(segs)
-    while any(d < len(i) for d, i in zip(done, idxs)):
-        sl, n = [], []
-        for b, idx in enumerate(idxs):
-            m = min(chunk, len(idx) - done[b])
-            part = idx[done[b]:done[b] + m] if m > 0 else idx[:1]
-            sl.append(np.r_[part, np.full(chunk - len(part), part[-1])])
-            n.append(max(m, 0))
-        rows = np.asarray(sl)
-        c = {key: jnp.asarray(np.asarray(batch[key][0])[rows]) for key in KEYS}
-        c["patches"] = jnp.broadcast_to(batch["patches"][0:1], (len(segs), *batch["patches"].shape[1:]))
-        out = step(model, c, cache, jnp.asarray(n, jnp.int32))
-        cache = out.cache
-        for b in range(len(segs)):
-            outs[b].append(np.asarray(out.text_logits[b, :n[b]]))
-            done[b] += n[b]
-    return idxs, [np.concatenate(o) for o in outs], cache
-
-
-@pytest.mark.parametrize("mode,equal", [("batch_invariant", True), ("standard", False)])
-def test_paged_chunks_equal_full_rows_bitwise(model, mode, equal):
-    """Two sessions batched, pages scattered and interleaved in the pool, chunks of 5.
-    ``standard`` diverges here: its dense softmax over the whole gathered capacity (P*64
-    slots) sums in another order than the 256-slot row (measured on the 2-core CPU)."""
-    batch = make_batch(1)
-    segs = np.unique(np.asarray(batch["segment_ids"][0]))
-    segs = segs[segs > 0][:2]
-    tables = [[5, 2, 7, 0], [3, 6, 1, 0]]
-    fwd = nnx.jit(lambda m, b: m(b))
-    step = nnx.jit(lambda m, c, cache, n: m(c, cache=cache, n_new=n))
-    with kernels.kernel_mode(mode):
-        full = fwd(model, batch)
-        idxs, texts, cache = run_paged(model, batch, segs, tables, 5, step)
-    same = all(np.array_equal(bits(t), bits(full.text_logits[0, i])) for i, t in zip(idxs, texts))
-    assert same == equal
-    assert cache.lengths.tolist() == [len(i) for i in idxs]
 
 
 def test_write_never_leaves_the_sessions_pages():

@@ -85,40 +85,14 @@ RESERVED_PAGE = 0  # never handed to a session (tml.sampler.pages); writes aimed
 
 def paged_write(k_pages, v_pages, page_table, k_new, v_new, start, n_new):
     """Rows ``i < n_new[b]`` of k_new, v_new [B, C, Hkv, hd] written at slots
-    ``start[b] + i`` through page_table [B, P] into the pools [n_pages, page_size, Hkv, hd].
+    ``start[b] + i`` through page_table [B, P] into the pools [n_pages, page_size, Hkv, hd]
+    (:func:`tml.kernels.paged_write`, which drops padding rows and slots past the P pages).
 
-    Padding rows, slots past the session's P pages and slots whose page-table entry is
-    :data:`RESERVED_PAGE` (not allocated) are scattered to page ``n_pages`` with
-    ``mode="drop"``: a write can never land outside the session's own pages."""
-    n_pages, page_size = k_pages.shape[:2]
-    B, C = k_new.shape[:2]
-    P = page_table.shape[1]
-    i = jnp.arange(C, dtype=jnp.int32)[None, :]
-    slot = start[:, None] + i
-    logical = jnp.clip(slot // page_size, 0, P - 1)
-    page = jnp.take_along_axis(page_table, logical, axis=1)
-    keep = (i < n_new[:, None]) & (slot < P * page_size) & (page != RESERVED_PAGE)
-    page = jnp.where(keep, page, n_pages)
-    off = slot % page_size
-    return (k_pages.at[page, off].set(k_new.astype(k_pages.dtype), mode="drop"),
-            v_pages.at[page, off].set(v_new.astype(v_pages.dtype), mode="drop"))
-
-
-def paged_attention(q, k_pages, v_pages, page_table, *, q_positions, kv_lengths, sliding_window=None):
-    """q [B, C, Hq, hd] against each session's pages (page_table [B, P]) → [B, C, Hq, hd].
-
-    Gathers the pages end to end ([B, P * page_size, Hkv, hd]) and runs
-    :func:`tml.kernels.attention` on them: the bits of the contiguous :class:`KVCache`
-    (and so of the training row), at a cost that grows with P."""
-    def gather(pages):
-        g = pages[page_table]
-        return g.reshape(page_table.shape[0], -1, *pages.shape[2:])
-
-    k, v = gather(k_pages), gather(v_pages)
-    B, C = q.shape[:2]
-    return kernels.attention(q, k, v, q_positions=q_positions, q_segment_ids=jnp.ones((B, C), jnp.int32),
-                             kv_segment_ids=jnp.ones((B, k.shape[1]), jnp.int32), kv_lengths=kv_lengths,
-                             sliding_window=sliding_window)
+    Page-table entries equal to :data:`RESERVED_PAGE` (not allocated to the session) are
+    mapped to the out-of-range page ``n_pages`` first, so a row aimed at them is dropped
+    too: a write can never land outside the session's own pages."""
+    table = jnp.where(page_table == RESERVED_PAGE, k_pages.shape[0], page_table)
+    return kernels.paged_write(k_pages, v_pages, table, k_new, v_new, start, n_new)
 
 
 class PagedAttentionMask(NamedTuple):
@@ -131,8 +105,10 @@ class PagedAttentionMask(NamedTuple):
     kv_lengths: jax.Array
 
     def attend(self, q, k_pages, v_pages, window):
-        return paged_attention(q, k_pages, v_pages, self.page_table, q_positions=self.q_positions,
-                               kv_lengths=self.kv_lengths, sliding_window=window)
+        """:func:`tml.kernels.paged_attention`: visits only the splits holding visible
+        keys; the bits of :func:`tml.kernels.attention` on the contiguous keys."""
+        return kernels.paged_attention(q, k_pages, v_pages, self.page_table, q_positions=self.q_positions,
+                                       kv_lengths=self.kv_lengths, sliding_window=window)
 
 
 class PagedLayerKV(NamedTuple):
