@@ -1,0 +1,69 @@
+"""The pod plan (tml.parallel.aot): a small config compiled ahead of time for a 2x2
+topology — TPU v5e 2x2 through libtpu when it is installed (``tml[tpu-aot]``), and its
+stand-in (4 fake CPU devices, same fsdp=2 x expert=2 mesh) always — gives the table's
+rows with per-device memory and the step's collectives."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from tml.parallel import aot
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
+         "model.d_ff=64", "model.n_experts=4", "model.top_k=2", "model.d_expert=32", "model.vision_layers=2",
+         "parallel.mesh.data=1", "parallel.mesh.fsdp=2", "parallel.mesh.expert=2",
+         "train.batch_size=4", "loader.row_length=128", "loader.max_patches_per_row=4"]
+ROWS = ["parameters / device", "optimizer state / device", "arguments", "outputs", "temporaries (activations)",
+        *(f"{k} bytes (count)" for k in aot.COLLECTIVES)]
+
+
+def _plan(tmp_path, *flags):
+    out = tmp_path / "aot.json"
+    r = subprocess.run([sys.executable, "-m", "tml.parallel.aot", *SMALL, "--topology", "v5e:2x2", *flags,
+                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+def _check(plan, table):
+    assert plan["devices"] == 4 and plan["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1, "expert": 2}
+    assert [row[0] for row in aot.table_rows(plan)] == ROWS
+    for row in ROWS:
+        assert f"| {row} |" in table
+    total, per = plan["parameters"]["bytes_total"], plan["parameters"]["bytes_per_device"]
+    assert 0 < per < total  # sharded over fsdp x expert
+    assert plan["optimizer"]["bytes_per_device"] >= 2 * per * 0.99  # Adam: mu and nu like the params
+    grads = plan["programs"]["gradients"]
+    assert grads["memory"]["temporaries"] > 0
+    assert grads["collectives"]["all-gather"]["bytes"] > 0  # FSDP gathers the weights
+
+
+def test_plan_on_fake_cpu_devices(tmp_path):
+    plan, table = _plan(tmp_path, "--fake-cpu", "4")
+    assert plan["platform"] == "cpu" and "stand-in" in table
+    _check(plan, table)
+
+
+@pytest.mark.skipif(not aot.have_libtpu(), reason="libtpu not installed (pip install 'tml[tpu-aot]')")
+def test_plan_on_a_tpu_v5e_2x2_topology(tmp_path):
+    plan, table = _plan(tmp_path)
+    assert plan["platform"] == "tpu" and "TPU" in plan["device_kind"]
+    _check(plan, table)
+
+
+def test_collective_bytes_reads_operand_sizes():
+    hlo = "\n".join([
+        "  %p = bf16[256,512]{1,0} parameter(0)",
+        "  %ag = bf16[1024,512]{1,0} all-gather(%p), dimensions={0}",
+        "  %ars = f32[8]{0} all-reduce-start(%x), to_apply=%add",
+        "  %x = f32[8]{0} add(%a, %b)",
+        "  %ard = f32[8]{0} all-reduce-done(%ars)",
+        "  ROOT %a2a = (f32[4,4]{1,0}, f32[4,4]{1,0}) all-to-all(%u, %v), dimensions={0}",
+        "  %u = f32[4,4]{1,0} parameter(1)", "  %v = f32[4,4]{1,0} parameter(2)",
+    ])
+    out = aot.collective_bytes(hlo)
+    assert out["all-gather"] == {"count": 1, "bytes": 256 * 512 * 2}
+    assert out["all-reduce"] == {"count": 1, "bytes": 32}
+    assert out["all-to-all"] == {"count": 1, "bytes": 2 * 64}
+    assert out["reduce-scatter"] == {"count": 0, "bytes": 0}

@@ -1,0 +1,332 @@
+"""The pod plan, MaxText-style: compile the training step ahead of time for a TPU pod
+topology from a CPU host and report per-device memory and the step's collectives.
+
+    python -m tml.parallel.aot +experiment=tml_interaction_small_tpu --topology v5p:4x4x4
+    python -m tml.parallel.aot model=small parallel.mesh.fsdp=2 parallel.mesh.expert=2 \\
+        parallel.mesh.data=1 --topology v5e:2x2 train.batch_size=4 loader.row_length=256
+
+Devices: with ``libtpu`` importable (``pip install 'tml[tpu-aot]'``, the libtpu 0.0.42.*
+that jax 0.10.2's own ``jax[tpu]`` extra pins), ``jax.experimental.topologies`` describes
+the named TPU topology on this CPU host and XLA's TPU compiler compiles for it; no TPU is
+touched. Without libtpu, ``--fake-cpu`` compiles for as many fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=N``, set before JAX starts) with the
+same mesh shape: the shardings and collectives are GSPMD's for that mesh, the memory
+figures XLA:CPU's (a stand-in, and said so in the table).
+
+What is compiled is the trainer's step (:func:`tml.train.step.make_train_step`), its two
+programs as :meth:`~tml.train.step.TrainStep.jit` runs them, with the batch-invariant
+kernels traced for the target (:func:`tml.kernels.compile_target`) and one change: the gradient leaves the gradients program **sharded like the parameters**,
+where the trainer asks for it replicated (``out_shardings=(replicated,) * 3``), which
+on a pod would put a full copy of the gradient on every chip.
+
+``impl`` (``--impl``, default ``reference``): the batch-invariant kernels' jnp algorithm,
+lowered by XLA for TPU. ``--impl pallas`` fails on any mesh with more than one device:
+"Mosaic kernels cannot be automatically partitioned. Please wrap the call in a
+shard_map." The fsdp x expert step runs under GSPMD (:mod:`tml.train.step`), and a Pallas
+call has no partitioning rule; it needs a ``shard_map`` (or ``custom_partitioning``)
+around each kernel before the Pallas path can run on a pod.
+
+Figures per device (the most loaded one): parameters and optimizer state from their
+shardings; arguments / outputs / temporaries (activations) of each program from
+``compiled.memory_analysis()``; collective bytes = the summed operand sizes of every
+all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute in the
+compiled HLO, counted once per appearance (an op inside a loop body runs once per
+iteration, so these are lower bounds for looped programs). JSON: ``bench_results/aot.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+               "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+DEFAULT_OUT = "bench_results/aot.json"
+
+
+# ---------------------------------------------------------------------------
+# HLO collectives
+# ---------------------------------------------------------------------------
+
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
+_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+
+
+def _type_bytes(type_text: str) -> int:
+    """Bytes of an HLO type (``bf16[4,8]{1,0}`` or a tuple of them)."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        total += n * DTYPE_BYTES.get(dtype, 4)
+    return total
+
+
+def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {"count", "bytes"}} summed over the collectives of a compiled HLO module.
+
+    Operand sizes come from the defining instruction of each operand (post-optimisation
+    HLO prints operands by name). Async pairs count once (``-start``; ``-done`` skipped).
+    """
+    shapes: dict[str, int] = {}
+    found: list[tuple[str, str]] = []
+    for line in hlo_text.splitlines():
+        m = _DEF.match(line)
+        if not m:
+            continue
+        name, type_text, op, rest = m.groups()
+        shapes[name] = _type_bytes(type_text)
+        kind = op[:-6] if op.endswith("-start") else op
+        if kind in COLLECTIVES:
+            found.append((kind, rest))
+    out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+    for kind, rest in found:
+        args = rest.split(")", 1)[0]
+        names = re.findall(r"%([\w.\-]+)", args)
+        out[kind]["count"] += 1
+        out[kind]["bytes"] += sum(shapes.get(n, 0) for n in names) or _type_bytes(args)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------
+
+
+def batch_shapes(batch_size: int, row_length: int, max_patches: int) -> dict:
+    """Abstract packed rows (:class:`tml.stream.PackedRows` fields) of one global batch."""
+    import jax
+    import numpy as np
+
+    from tml.stream import STREAM_FIELDS
+    from tml.stream.layout import PATCH_SHAPE
+    from tml.stream.micro_turns import N_MELS
+
+    B, L = batch_size, row_length
+    spec = {"tokens": ((B, L), np.int32), "modality": ((B, L), np.int8), "positions": ((B, L), np.int32),
+            "segment_ids": ((B, L), np.int32), "micro_turn": ((B, L), np.int32),
+            "loss_kind": ((B, L), np.int8), "dmel": ((B, L, N_MELS), np.uint8),
+            "patch_index": ((B, L), np.int32), "patches": ((B, max_patches, *PATCH_SHAPE), np.uint8)}
+    if set(spec) != set(STREAM_FIELDS):
+        raise RuntimeError(f"tml.parallel.aot.batch_shapes is out of date with STREAM_FIELDS {STREAM_FIELDS}")
+    return {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in spec.items()}
+
+
+def _shard_bytes(abstract, shardings) -> float:
+    """Bytes of the most loaded device for a tree of abstract arrays and their shardings."""
+    import jax
+    import numpy as np
+
+    total = 0
+    for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+        total += math.prod(s.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize
+    return float(total)
+
+
+def optimizer_shardings(opt_state, params, p_sh, replicated):
+    """Shardings of an optax state: a leaf under the same path as a parameter (Adam's
+    ``mu`` / ``nu``: ``...nu['blocks'][0]['attn']['wq'].value``) with its shape gets that
+    parameter's sharding, everything else (step counts) is replicated — as GSPMD lays
+    out ``tx.init`` of sharded parameters (an AOT-compiled program reports its outputs
+    on the host instead, so they are spelt out)."""
+    import jax
+
+    key = jax.tree_util.keystr
+    by_path = {key(path): (leaf.shape, sh) for (path, leaf), sh in
+               zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(p_sh))}
+
+    def one(path, leaf):
+        k = key(path)
+        for pk, (shape, sh) in by_path.items():
+            if k.endswith(pk) and tuple(leaf.shape) == tuple(shape):
+                return sh
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, opt_state)
+
+
+def _memory(compiled) -> dict[str, int]:
+    m = compiled.memory_analysis()
+    return {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
+            "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
+            "code": int(m.generated_code_size_in_bytes)}
+
+
+def compile_plan(cfg, devices, *, platform: str, impl: str = "reference") -> dict:
+    """Compile the training step of ``cfg`` (a :class:`tml.config.TmlConfig`) for ``devices``
+    (TPU topology devices, or CPU devices) → the plan as a JSON-able dict."""
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tml import kernels
+    from tml.model.loss import LossWeights
+    from tml.model.model import InteractionModel
+    from tml.parallel import make_mesh
+    from tml.parallel.sharding import batch_sharding, bytes_per_device, state_shardings
+    from tml.train.optim import make_optimizer
+    from tml.train.step import make_train_step
+
+    mesh = make_mesh(cfg.parallel.mesh, devices=list(devices))
+    rules = cfg.parallel.rules
+    tc = cfg.train
+    model = nnx.eval_shape(lambda: InteractionModel(cfg.model, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    p_sh, r_sh = state_shardings(params, rules, mesh), state_shardings(rest, rules, mesh)
+    rep = NamedSharding(mesh, PartitionSpec())
+    tx = make_optimizer(cfg.optim.resolved(tc.steps))
+    batch = batch_shapes(tc.batch_size, cfg.loader.row_length, cfg.loader.max_patches_per_row)
+    b_sh = {k: batch_sharding(mesh, rules, tc.batch_size) for k in batch}
+    step = make_train_step(graphdef, tx, LossWeights(tc.loss_text, tc.loss_speech, tc.loss_control),
+                           cfg.model.balance_rate, micro_batches=tc.micro_batches, mesh=mesh)
+    with kernels.kernel_mode(tc.kernel_mode), kernels.kernel_impl(impl), kernels.compile_target(platform):
+        opt_state = jax.eval_shape(tx.init, params)
+        o_sh = optimizer_shardings(opt_state, params, p_sh, rep)
+        grads_c = jax.jit(step.gradients, in_shardings=(p_sh, r_sh, b_sh),
+                          out_shardings=(p_sh, rep, rep)).lower(params, rest, batch).compile()
+        grads, _, load = jax.eval_shape(step.gradients, params, rest, batch)
+        update_c = jax.jit(step.update, in_shardings=(p_sh, r_sh, o_sh, p_sh, rep),
+                           out_shardings=(p_sh, r_sh, o_sh, rep), donate_argnums=(0, 1, 2),
+                           ).lower(params, rest, opt_state, grads, load).compile()
+    total_params, per_params = bytes_per_device(params, rules, mesh)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    return {
+        "model": cfg.model.name, "platform": platform,
+        "devices": len(mesh.devices.flat), "device_kind": str(getattr(mesh.devices.flat[0], "device_kind", "")),
+        "mesh": {a: int(n) for a, n in dict(mesh.shape).items()},
+        "batch": {"rows": tc.batch_size, "row_length": cfg.loader.row_length,
+                  "micro_batches": tc.micro_batches, "kernel_mode": tc.kernel_mode, "impl": impl},
+        "parameters": {"count": int(n_params), "bytes_total": int(total_params), "bytes_per_device": per_params},
+        "optimizer": {"bytes_per_device": _shard_bytes(opt_state, o_sh)},
+        "programs": {
+            "gradients": {"memory": _memory(grads_c), "collectives": collective_bytes(grads_c.as_text())},
+            "update": {"memory": _memory(update_c), "collectives": collective_bytes(update_c.as_text())},
+        },
+    }
+
+
+# ---------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.3f} GiB" if n >= 2**24 else f"{n / 2**20:,.2f} MiB"
+
+
+def table_rows(plan: dict) -> list[tuple[str, str, str]]:
+    """(what, gradients program, update program) rows of the per-device table."""
+    g, u = plan["programs"]["gradients"], plan["programs"]["update"]
+    rows = [("parameters / device", _gib(plan["parameters"]["bytes_per_device"]), ""),
+            ("optimizer state / device", _gib(plan["optimizer"]["bytes_per_device"]), "")]
+    for key in ("arguments", "outputs", "temporaries"):
+        label = "temporaries (activations)" if key == "temporaries" else key
+        rows.append((label, _gib(g["memory"][key]), _gib(u["memory"][key])))
+    for kind in COLLECTIVES:
+        a, b = g["collectives"][kind], u["collectives"][kind]
+        rows.append((f"{kind} bytes (count)", f"{_gib(a['bytes'])} ({a['count']})", f"{_gib(b['bytes'])} ({b['count']})"))
+    return rows
+
+
+def format_table(plan: dict) -> str:
+    mesh = " x ".join(f"{a}={n}" for a, n in plan["mesh"].items() if n > 1) or "1 device"
+    n = plan["parameters"]["count"]
+    count = f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.2f}M"
+    head = (f"{plan['model']}: {count} parameters on {plan['devices']} "
+            f"{plan['device_kind'] or plan['platform']} devices ({mesh}); batch {plan['batch']['rows']} x "
+            f"{plan['batch']['row_length']}, {plan['batch']['micro_batches']} micro-batch(es), "
+            f"{plan['batch']['kernel_mode']} kernels (impl={plan['batch']['impl']})")
+    if plan.get("stand_in"):
+        head += f"\n(stand-in: {plan['stand_in']})"
+    lines = [head, "", "| per device | gradients program | update program |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in table_rows(plan)]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# devices and the command
+# ---------------------------------------------------------------------------
+
+
+def have_libtpu() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def tpu_devices(topology: str):
+    """Compile-only devices of a named TPU topology (e.g. ``v5e:2x2``, ``v5p:4x4x4``) via libtpu."""
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+
+
+def load_config(overrides: list[str]):
+    """The composed recipe (``recipes/config.yaml`` + Hydra overrides) as a TmlConfig."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from tml.config import register_configs
+
+    register_configs()
+    with initialize_config_module("tml.recipes", version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def run(overrides: list[str], *, topology: str | None, fake_cpu: int = 0, out: str | None = DEFAULT_OUT,
+        impl: str = "reference") -> dict:
+    """Compile and report (this process must not have started JAX if ``fake_cpu``)."""
+    cfg = load_config(overrides)
+    if fake_cpu:
+        import jax
+
+        if jax.device_count() < fake_cpu:
+            raise RuntimeError(f"--fake-cpu {fake_cpu}: JAX started with {jax.device_count()} devices; run "
+                               f"this in a fresh process (python -m tml.parallel.aot ... --fake-cpu {fake_cpu})")
+        plan = compile_plan(cfg, jax.devices()[:fake_cpu], platform="cpu", impl=impl)
+        plan["stand_in"] = (f"{fake_cpu} fake CPU devices with the mesh of {topology or 'the topology'}: "
+                            "GSPMD's shardings and collectives, XLA:CPU's memory figures")
+    else:
+        if not have_libtpu():
+            raise RuntimeError("libtpu is not installed: pip install 'tml[tpu-aot]' (libtpu 0.0.42.*), or pass "
+                               "--fake-cpu N for a stand-in with N fake CPU devices")
+        plan = compile_plan(cfg, tpu_devices(topology), platform="tpu", impl=impl)
+    plan["topology"] = topology
+    plan["overrides"] = list(overrides)
+    if out:
+        from tml.files import atomic_write_json
+
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out, plan)
+    return plan
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m tml.parallel.aot", description=__doc__.splitlines()[0])
+    ap.add_argument("--topology", default="v5p:4x4x4", help="TPU topology name for libtpu (default v5p:4x4x4)")
+    ap.add_argument("--fake-cpu", type=int, default=0, help="stand-in: compile for N fake CPU devices")
+    ap.add_argument("--impl", default="reference", choices=("reference", "pallas"),
+                    help="batch_invariant implementation (pallas needs shard_map-wrapped kernels, see the docstring)")
+    ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT}; '' = none)")
+    args, overrides = ap.parse_known_args(argv)
+    if args.fake_cpu and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+                   f"--xla_force_host_platform_device_count={args.fake_cpu}".strip(), JAX_PLATFORMS="cpu")
+        sys.exit(subprocess.call([sys.executable, "-m", "tml.parallel.aot", *(argv or sys.argv[1:])], env=env))
+    if not args.fake_cpu:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu only describes the topology here
+    plan = run(overrides, topology=args.topology, fake_cpu=args.fake_cpu, out=args.out or None, impl=args.impl)
+    print(format_table(plan))
+    if args.out:
+        print(f"\nwritten {args.out}")
+
+
+if __name__ == "__main__":
+    main()
