@@ -163,6 +163,25 @@ class Engine:
                 raise ValueError(f"set_params: a weight of shape {b.shape} {b.dtype} replaces {a.shape} {a.dtype}")
         self.state = params
 
+    def weights_digest(self) -> str:
+        """sha256 of the current weights (cached per ``set_params``): what a snapshot
+        records so it is only restored onto the weights that computed its KV pages."""
+        if getattr(self, "_digest", (None,))[0] is not self.state:
+            from tml.sampler.snapshot import weights_digest
+            self._digest = (self.state, weights_digest(self.state))
+        return self._digest[1]
+
+    def snapshot(self, directory) -> None:
+        """Save every live session (between ticks) into ``directory``; :meth:`restore` in a
+        new engine continues them bit for bit (:mod:`tml.sampler.snapshot`)."""
+        from tml.sampler import snapshot
+        snapshot.save(self, directory)
+
+    def restore(self, directory) -> list[int]:
+        """Load a :meth:`snapshot` into this engine (which serves no sessions) → the ids."""
+        from tml.sampler import snapshot
+        return snapshot.restore(self, directory)
+
     def compiled_programs(self) -> int:
         """How many programs the model call has compiled (one per shape bucket, kernel
         mode and dtype in use; shared by the engines of one architecture)."""
