@@ -43,6 +43,26 @@ leaves ``(c, l, o)`` bit for bit unchanged, and a query's row never mixes with o
 rows, so its output is the same whether it is computed in a full row, in a chunk of
 any size, or alone against a cache of any capacity.
 
+**Only the splits with visible keys are visited** (one exact rule for training rows
+and for :func:`tml.kernels.paged_attention`): a split whose keys are all invisible to a
+query row yields ``c_s = NEG, l_s = 0, o_s = 0``, and ``combine`` then leaves the row's
+``(c, l, o)`` bit for bit unchanged (the state's factor is exactly 1, the split's is
+flushed to 0), so skipping it changes no bits. A full row (``q_positions=None``: query t
+on slot ``Tk - Tq + t``) is cut into blocks of ``QUERY_BLOCK = 64`` query positions (a
+constant, never derived from the row count) and each block visits only the splits
+``[lo, hi]`` of its static plan (:func:`block_plan`): ``hi`` the split of its last query
+(causal), ``lo`` the split of its first query minus ``window - 1`` (sliding window). The
+visited (block, split) pairs are computed in one batched GEMM per product; each block
+folds its splits left to right (a block with fewer splits than the widest folds the
+fully masked dummy pair, which is a no-op by the same rule). Forward and ``dq`` are
+bit for bit those of the unblocked path; ``dk``/``dv`` are summed per query block and
+then over the blocks left to right, and equal the unskipped version bit for bit
+(``tests/kernels/test_attention_skipping.py``). Measured (XLA:CPU, 2 cores, see
+``kernels/README.md``): the ``small`` sliding-window layer (1024 keys, window 256)
+visits 70 of 256 pairs. Not skipped yet: splits before a packed segment's first slot
+(segment boundaries are data; those splits are computed and are no-ops). Explicit
+``q_positions`` (prefill chunks, decode against a contiguous cache) visit every split.
+
 The backward pass is a ``custom_vjp`` over the same splits (flash-attention style
 recomputation of ``p`` from the saved ``(c, l)``): ``dq`` per query is summed over
 splits left to right (batch-invariant), ``dk``/``dv`` contract over the query rows in
