@@ -14,16 +14,27 @@ from typing import Optional
 class EvalConfig:
     """What ``tml eval`` runs, on what, and where it writes (``recipes/eval/``)."""
 
-    policy: str = "oracle"                 # oracle | silent | model
+    policy: str = "oracle"                 # oracle | silent | model | untrained
     source: str = "scenarios"              # scenarios (synthetic, held out) | fdb (a Full-Duplex-Bench folder)
-    out: str = "runs/eval"                 # <out>/eval.json and <out>/*.png
-    checkpoint: str = "runs/tiny/checkpoints"  # policy=model: the checkpoint `make run` writes
+    out: str = "runs/eval/{policy}"        # <out>/eval.json and <out>/*.png ({policy} = the policy's name)
+    # policy=model: a training run dir (`make run` writes runs/tiny), its checkpoints/ dir or
+    # one step dir (checkpoints/<step>); `none` = a fresh model (train.seed), as policy=untrained
+    checkpoint: str = "runs/tiny"
     # scenarios: `per_scenario` held-out conversations of each scenario, indices
     # tml.eval.scenarios.HELD_OUT_INDEX_OFFSET + k, generator seed `seed`
     seed: int = 0
     per_scenario: int = 4
     scenarios: list[str] = field(default_factory=list)  # empty = every scenario
-    batch_size: int = 8                    # sessions live at once
+    batch_size: int = 8                    # sessions live at once (policy=model: per engine tick)
+    # policy=model / untrained: the sampler (tml.eval.policies.ModelSampling). temperature 0 =
+    # greedy (reproducible); above 0 each sample draws counter-based from its seed (eval.seed ^ index)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_output_tokens: int = 16            # per micro-turn, <end> included
+    inputs: str = "audio"                  # audio (3,200 samples / micro-turn) | dmel (the corpus' bins)
+    kernel_mode: str = "batch_invariant"   # batch_invariant | standard
     # fdb: the directory holding per-sample folders (input.wav, output.wav, output.json, task json)
     fdb_dir: Optional[str] = None
     fdb_task: str = "auto"                 # auto (from each sample's json) | pause_handling | smooth_turn_taking |

@@ -15,6 +15,10 @@ Policies here:
   perfect; it is the only policy that reads ``Sample.script``.
 * :class:`AlwaysSilent` -- ``<silence>`` and no text in every micro-turn (the baseline
   every metric must separate from the oracle).
+* :class:`ModelPolicy` -- an :class:`~tml.model.InteractionModel` served by the streaming
+  sampler (:class:`tml.sampler.Engine`): one engine session per sample, every live
+  session's micro-turn appended and all of them served by one ``tick()`` (batched prefill,
+  then token-by-token decode together), exactly as a live deployment would run them.
 
 A policy reports a per-session failure (the engine's per-caller errors: bad input, an
 exhausted page pool ...) by returning an ``Exception`` instance for that session; the
@@ -118,6 +122,98 @@ class ScriptedOracle:
 
     def close(self, sample_id: str) -> None:
         self._scripts.pop(sample_id, None)
+
+
+@dataclass(frozen=True)
+class ModelSampling:
+    """How :class:`ModelPolicy` samples and what its engine holds (``eval.*`` keys).
+
+    ``temperature`` 0 is greedy (argmax, no random bits: a run is reproducible bit for bit
+    and independent of the batch); above 0, each session samples counter-based from its
+    sample's seed (``Sample.seed``; :mod:`tml.sampler.sampling`), so a run is still
+    reproducible and a sample's tokens do not depend on which sessions it was batched
+    with. ``max_output_tokens`` is the per-micro-turn output budget after ``<out>``
+    (``<end>`` included): 16 fits 99.5% of the held-out targets' micro-turns (measured:
+    the longest take 27-30 tokens, a greeting plus a speech frame), more costs a decode
+    step per token in every tick. ``inputs``: ``audio`` streams the 3,200 samples of each
+    micro-turn through the engine's streaming dMel front end, ``dmel`` hands it the
+    corpus' bins (the same bins: ``tests/sampler/test_engine.py``).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_output_tokens: int = 16
+    max_context: int = 4096
+    inputs: str = "audio"
+
+    def __post_init__(self):
+        if self.inputs not in ("audio", "dmel"):
+            raise ValueError(f"eval.inputs={self.inputs!r}: choose audio (3,200 samples per micro-turn) or dmel")
+
+
+class ModelPolicy:
+    """A model served by :class:`tml.sampler.Engine`, one session per sample.
+
+    ``step`` appends each live session's :class:`MicroTurnInput` as a
+    :class:`tml.sampler.TurnInputs` (audio or dMel, the frame pair, typed and background
+    text) and serves them all with one ``tick()``; each :class:`tml.sampler.TurnOutput`
+    becomes ``MicroTurnOutput(text_bytes, speaking = 4 speech frames, control)``. An
+    ``append`` that raises (bad input, context or pool exhausted: the engine checks all of
+    it before queueing) becomes that session's error and the other sessions are served
+    as if it had never been appended (the engine's per-caller errors). The engine is built
+    with one batch bucket (``max_sessions``), so a tick with fewer live sessions pads
+    instead of compiling another program (measured: each new bucket costs a compile of
+    several seconds on this CPU, more than the padding saves over a run).
+    """
+
+    def __init__(self, model, *, name: str = "model", max_sessions: int = 8,
+                 sampling: ModelSampling = ModelSampling()):
+        from tml.sampler import Engine, SamplingParams
+
+        self.name, self.model = name, model
+        self.sampling = sampling
+        self.engine = Engine(
+            model, max_sessions=max_sessions, batch_buckets=(max_sessions,), max_context=sampling.max_context,
+            sampling=SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p),
+            max_output_tokens=sampling.max_output_tokens, vocoder=False)
+        self._sid: dict[str, int] = {}
+
+    def open(self, sample: Sample) -> None:
+        if sample.sample_id in self._sid:
+            raise ValueError(f"{sample.sample_id}: a session for this sample is already open")
+        self._sid[sample.sample_id] = self.engine.open(seed=sample.seed)
+
+    def turn_inputs(self, x: MicroTurnInput):
+        """One :class:`MicroTurnInput` -> the engine's :class:`tml.sampler.TurnInputs`."""
+        from tml.sampler import TurnInputs
+
+        if self.sampling.inputs == "audio":
+            return TurnInputs(audio=x.audio, video=x.video, typed=x.typed, background=x.background)
+        return TurnInputs(dmel=x.dmel, video=x.video, typed=x.typed, background=x.background)
+
+    def step(self, inputs):
+        out: dict[str, MicroTurnOutput | Exception] = {}
+        appended: dict[int, str] = {}
+        for sample_id, x in inputs.items():
+            try:
+                sid = self._sid[sample_id]
+                self.engine.append(sid, self.turn_inputs(x))
+                appended[sid] = sample_id
+            except Exception as e:  # noqa: BLE001 -- the engine's per-caller errors, reported per sample
+                out[sample_id] = e
+        if appended:
+            served = self.engine.tick()
+            for sid, sample_id in appended.items():
+                o = served[sid]
+                out[sample_id] = MicroTurnOutput(o.text_bytes, len(o.speech) > 0, tuple(o.control))
+        return out
+
+    def close(self, sample_id: str) -> None:
+        sid = self._sid.pop(sample_id, None)
+        if sid is not None:
+            self.engine.close(sid)
 
 
 def targets(micro_turns) -> list[MicroTurnOutput]:

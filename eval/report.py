@@ -28,13 +28,18 @@ HEADLINE: dict[str, tuple[tuple[str, str], ...]] = {
     "cue_speak": (("accuracy", "up"), ("latency", "down")),
     "time_speak": (("accuracy", "up"), ("timing_error", "down")),
     "rep_count": (("normalized_error", "down"), ("obo", "up")),
+    # descriptive rows (tml.eval.activity, tml.eval.target_loss): how the policy failed or learned
+    "activity": (("speaking_agreement", "up"), ("speaking_f1", "up"), ("text_f1", "up"),
+                 ("speaking_rate", "info"), ("text_rate", "info"), ("text_bytes", "info")),
+    "target_nll": (("text", "down"), ("speech", "down"), ("control", "down")),
 }
-"""Per task, the metrics the table and plots show and which way is better."""
+"""Per task, the metrics the table and plots show and which way is better (``info``:
+descriptive, no better direction)."""
 
 LATENCIES = (("smooth_turn_taking", "latency"), ("user_interruption", "latency"),
              ("overlap_interruption", "stop_latency"), ("overlap_interruption", "response_latency"),
              ("cue_speak", "latency"), ("time_speak", "timing_error"))
-ARROW = {"up": "↑", "down": "↓"}
+ARROW = {"up": "↑", "down": "↓", "info": "·"}
 
 
 def _fmt(v: Any) -> str:

@@ -16,7 +16,19 @@ index offset, the indices used), ``samples`` (per sample: id, scenario or task, 
 index, and per task the scorer's numbers), ``errors`` (per skipped sample: id and
 reason), ``tasks`` (per task: :func:`tml.eval.aggregate`'s means, stds and counts) and
 ``published`` (the figures printed beside them, with sources). A bad sample is reported
-on stderr and in ``errors`` and the others are scored.
+on stderr and in ``errors`` and the others are scored. Besides the scorers' tasks, every
+scenario sample has an ``activity`` row (:mod:`tml.eval.activity`: what the policy did
+beside the targets) and, for ``eval.policy=model|untrained``, a ``target_nll`` row
+(:mod:`tml.eval.target_loss`: the model's teacher-forced loss on that conversation's
+targets); those runs also record ``model`` (checkpoint, step or init seed, model config)
+and every scenario run ``timing`` (seconds, per sample and per micro-turn).
+
+``eval.policy=model`` (:class:`tml.eval.policies.ModelPolicy`) restores ``eval.checkpoint``
+(:mod:`tml.eval.checkpoint`) onto ``cfg.model`` and serves it with the streaming sampler,
+``eval.batch_size`` sessions per tick, greedy by default (``eval.temperature=0``: the
+run is reproducible; above 0 each sample samples from its own seed, ``eval.seed ^
+index``). ``eval.policy=untrained`` is the same model freshly initialised with
+``train.seed``.
 """
 
 from __future__ import annotations
@@ -29,26 +41,44 @@ from typing import Any
 
 import numpy as np
 
+from tml.eval.activity import activity
 from tml.eval.aggregate import aggregate
 from tml.eval.config import EvalConfig
-from tml.eval.policies import AlwaysSilent, MicroTurnInput, Policy, Sample, ScriptedOracle, stream, targets
+from tml.eval.policies import (AlwaysSilent, MicroTurnInput, ModelPolicy, ModelSampling, Policy, Sample, ScriptedOracle,
+                               stream, targets)
 from tml.eval.published import MODELS, PUBLISHED, SOURCES
 from tml.eval.scenarios import HELD_OUT_INDEX_OFFSET, Reference, SampleError, reference, score
+from tml.eval.target_loss import target_nll
 
-POLICIES = ("oracle", "silent", "model")
+POLICIES = ("oracle", "silent", "model", "untrained")
 
 
-def make_policy(cfg: EvalConfig) -> Policy:
-    """The policy ``eval.policy`` names."""
+def make_policy(cfg: EvalConfig, model_cfg=None, seed: int = 0) -> Policy:
+    """The policy ``eval.policy`` names. ``model`` / ``untrained`` need ``model_cfg`` (the
+    run's ``cfg.model``); ``untrained`` (or ``model`` with ``eval.checkpoint=none``) is
+    initialised with ``seed`` (``train.seed``), ``model`` restored from ``eval.checkpoint``
+    (:mod:`tml.eval.checkpoint`)."""
     if cfg.policy == "oracle":
         return ScriptedOracle()
     if cfg.policy == "silent":
         return AlwaysSilent()
-    if cfg.policy == "model":
-        raise SystemExit(
-            "eval.policy=model needs the streaming sampler engine (tml.sampler, issue 9), which this tree does "
-            f"not have yet; use eval.policy=oracle or eval.policy=silent (checkpoint {cfg.checkpoint!r} not read)"
-        )
+    if cfg.policy in ("model", "untrained"):
+        from tml.eval.checkpoint import load_model
+
+        if model_cfg is None:
+            raise SystemExit(f"eval.policy={cfg.policy} needs the model config: run it as `tml eval` (which "
+                             "composes model=...), or call tml.eval.run.main(TmlConfig)")
+        try:
+            sampling = ModelSampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.max_output_tokens,
+                                     inputs=cfg.inputs)
+            checkpoint = None if cfg.policy == "untrained" else cfg.checkpoint
+            model, loaded = load_model(model_cfg, checkpoint, seed)
+        except (FileNotFoundError, ValueError, RuntimeError) as e:  # the checkpoint errors name what to do
+            raise SystemExit(f"tml eval: {e}") from None
+        name = "model" if loaded.checkpoint is not None else "untrained"
+        policy = ModelPolicy(model, name=name, max_sessions=cfg.batch_size, sampling=sampling)
+        policy.loaded = loaded
+        return policy
     raise SystemExit(f"eval.policy={cfg.policy!r}: choose one of {POLICIES}")
 
 
@@ -64,6 +94,7 @@ class Prepared:
     ref: Reference | None = None
     sample: Sample | None = None
     error: str | None = None
+    micro_turns: list | None = None     # inputs and target outputs (tml.stream.MicroTurn), for target_nll
 
 
 def _inputs(conv, micro_turns) -> Iterator[MicroTurnInput]:
@@ -93,6 +124,7 @@ def prepare(scenario: str, seed: int, k: int) -> Prepared:
         p.ref = reference(conv)
         p.sample_id = conv.id
         p.sample = Sample(conv.id, seed ^ index, len(mts), lambda: _inputs(conv, mts), targets(mts))
+        p.micro_turns = mts
     except (SampleError, ValueError, RuntimeError) as e:
         p.error = f"{p.sample_id}: {e}"
     return p
@@ -129,7 +161,7 @@ def run_scenarios(cfg: EvalConfig, policy: Policy) -> tuple[list[dict], list[dic
         p = by_id[done.sample.sample_id]
         if done.error is None:
             try:
-                rows = score(p.ref, done.outputs)
+                rows = score(p.ref, done.outputs) + [activity(done.outputs, p.sample.script)]
             except SampleError as e:
                 done.error = str(e)
         if done.error is not None:
@@ -138,6 +170,10 @@ def run_scenarios(cfg: EvalConfig, policy: Policy) -> tuple[list[dict], list[dic
         samples.append({"sample_id": p.sample_id, "scenario": p.scenario, "seed": p.seed, "index": p.index,
                         "micro_turns": p.ref.n_micro_turns, "tasks": rows})
     bar.close()
+    model = getattr(policy, "model", None)
+    if model is not None and samples:  # the model's loss on these conversations' targets
+        for s, row in zip(samples, target_nll(model, [by_id[s["sample_id"]].micro_turns for s in samples])):
+            s["tasks"].append(row)
     order = {p.sample_id: i for i, p in enumerate(prepared)}
     samples.sort(key=lambda s: order[s["sample_id"]])
     seeds = {"seed": cfg.seed, "index_offset": HELD_OUT_INDEX_OFFSET,
@@ -179,14 +215,41 @@ def summarise(samples: list[dict]) -> dict[str, dict[str, Any]]:
     return aggregate(per_task)
 
 
-def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False) -> dict[str, Any]:
-    """Run ``tml eval`` (module docstring); returns the eval.json dict (also written to ``<out>``)."""
+def out_dir(cfg: EvalConfig, policy_name: str) -> Path:
+    """``eval.out`` with ``{policy}`` replaced by the policy's name (``fdb`` for a folder)."""
+    return Path(cfg.out.replace("{policy}", policy_name.replace(" ", "_")))
+
+
+def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, model_cfg=None,
+        seed: int = 0) -> dict[str, Any]:
+    """Run ``tml eval`` (module docstring); returns the eval.json dict (also written to ``<out>``).
+
+    ``model_cfg`` / ``seed``: the run's ``cfg.model`` and ``train.seed``, needed by
+    ``eval.policy=model|untrained`` (:func:`main` passes them)."""
+    import time
+
+    from tml import kernels
     from tml.eval import report as rep
     from tml.files import atomic_write_json
 
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
     if cfg.source == "scenarios":
-        policy = policy or make_policy(cfg)
-        samples, errors, seeds = run_scenarios(cfg, policy)
+        policy = policy or make_policy(cfg, model_cfg, seed)
+        loaded = getattr(policy, "loaded", None)
+        if loaded is not None:
+            extra["model"] = {"checkpoint": loaded.checkpoint, "step": loaded.step, "init_seed": loaded.seed,
+                              "model_config": dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg)
+                              else None}
+        t_stream = time.perf_counter()
+        with kernels.kernel_mode(cfg.kernel_mode):
+            samples, errors, seeds = run_scenarios(cfg, policy)
+        seconds = time.perf_counter() - t_stream
+        n_mt = sum(s["micro_turns"] for s in samples)
+        extra["timing"] = {"stream_and_score_s": round(seconds, 3), "setup_s": round(t_stream - t0, 3),
+                           "samples": len(samples), "micro_turns": n_mt,
+                           "s_per_sample": round(seconds / max(len(samples), 1), 4),
+                           "ms_per_micro_turn": round(1e3 * seconds / max(n_mt, 1), 3)}
         policy_name = policy.name
     elif cfg.source == "fdb":
         samples, errors, seeds = run_fdb(cfg)
@@ -195,11 +258,12 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False) -
         raise SystemExit(f"eval.source={cfg.source!r}: choose scenarios or fdb (recipes eval=scenarios | eval=fdb)")
     for e in errors:
         print(f"tml eval: skipped {e['sample_id']}: {e['error']}", file=sys.stderr)
-    out = Path(cfg.out)
+    out = out_dir(cfg, policy_name)
     result = {
         "config": dataclasses.asdict(cfg),
         "policy": policy_name,
         "source": cfg.source,
+        **extra,
         "seeds": seeds,
         "samples": samples,
         "errors": errors,
@@ -210,8 +274,22 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False) -
     atomic_write_json(out / "eval.json", result)
     plots = rep.plot(result, out) if cfg.plots and samples else []
     if not quiet:
+        if "model" in extra:
+            m = extra["model"]
+            print(f"model: {m['checkpoint']} step {m['step']}" if m["checkpoint"] else
+                  f"model: untrained (fresh init, train.seed={m['init_seed']})")
         print(rep.table(result))
         print()
         print(rep.comparison(result))
+        if "timing" in extra:
+            t = extra["timing"]
+            print(f"\n{t['samples']} samples, {t['micro_turns']} micro-turns in {t['stream_and_score_s']:.1f} s "
+                  f"({t['s_per_sample']:.2f} s/sample, {t['ms_per_micro_turn']:.1f} ms/micro-turn)")
         print(f"\nwrote {out / 'eval.json'}" + "".join(f", {p}" for p in plots))
     return result
+
+
+def main(cfg) -> dict[str, Any]:
+    """``tml eval``: :func:`run` on the composed :class:`tml.config.TmlConfig` (its ``eval``,
+    ``model`` and ``train.seed``)."""
+    return run(cfg.eval, model_cfg=cfg.model, seed=cfg.train.seed)

@@ -89,9 +89,16 @@ def train(cfg: DictConfig) -> None:
 
 def eval_(cfg: DictConfig) -> None:
     """Score a policy on held-out scenarios, or a Full-Duplex-Bench folder (eval=fdb); writes eval.json."""
-    from tml.eval.run import run
+    from tml.eval.run import main
 
-    run(_to_dataclass(cfg).eval)
+    main(_to_dataclass(cfg))
+
+
+def divergence(cfg: DictConfig) -> None:
+    """Trainer-sampler drift of held-out sessions in both kernel modes; writes divergence.json."""
+    from tml.sampler.divergence_run import run
+
+    run(_to_dataclass(cfg))
 
 
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {
@@ -101,6 +108,7 @@ COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "data bench": data_bench,
     "model params": model_params,
     "eval": eval_,
+    "divergence": divergence,
 }
 
 
