@@ -1,0 +1,101 @@
+"""Which episodes a step plays: scripted scenarios cut to the recipe's length.
+
+Step ``s`` plays one **group** per scenario of ``rl.scenarios``: conversation
+``make_conversation(scenario, rl.seed, RL_INDEX_OFFSET + k)`` (``k`` the scenario's
+counter, part of the RL state and checkpointed) played ``G = rl.group_size`` times with
+the same user inputs and different sampling seeds. The user side is fed micro-turn by
+micro-turn from the generated conversation (its audio, video, typed and background
+text, as ``tml eval`` feeds it: :func:`tml.eval.run.prepare`); it does not react to the
+model (an interrupted user does not stop, an ignored question is not asked again).
+
+Indices start at :data:`RL_INDEX_OFFSET` = 3 * 10**9: disjoint from the training corpus
+(< 10**9 + eval split) and from the evaluation scenarios (2 * 10**9 + k,
+:data:`tml.eval.scenarios.HELD_OUT_INDEX_OFFSET`), so ``tml eval`` after RL still scores
+conversations RL never played.
+
+**Cut.** An episode is the conversation's first ``rl.max_micro_turns`` micro-turns; its
+:class:`~tml.eval.scenarios.Reference` keeps the tasks whose window ends by then (the
+scorers themselves are unchanged). A conversation with no task left, or whose
+generation fails, is skipped (said in the step's ``skipped`` list) and the counter moves on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from dataclasses import dataclass
+
+from tml.eval.scenarios import HELD_OUT_INDEX_OFFSET, Reference
+from tml.sampler.divergence_run import ScriptedSession
+from tml.sampler.session import TurnInputs
+
+RL_INDEX_OFFSET = 3_000_000_000
+MAX_SKIPS = 20  # conversations tried per group before the step fails (a recipe whose cut keeps no task)
+
+
+@dataclass
+class Group:
+    """One scenario's G episodes: the shared reference and one session per episode."""
+
+    scenario: str
+    index: int
+    ref: Reference
+    sessions: list[ScriptedSession]
+
+
+def cut_reference(ref: Reference, n: int) -> Reference | None:
+    """``ref`` limited to its first ``n`` micro-turns (tasks whose window ends after ``n``
+    dropped), or None when no task is left; ``n <= 0`` or beyond the end: unchanged."""
+    if n <= 0 or n >= ref.n_micro_turns:
+        return ref
+    tasks = tuple(t for t in ref.tasks if t.t1 <= n)
+    return dataclasses.replace(ref, n_micro_turns=n, tasks=tasks) if tasks else None
+
+
+def episode_seed(seed: int, sample_id: str, g: int) -> int:
+    """The sampling seed of episode ``g`` of a group (crc32: no two episodes share random bits)."""
+    return zlib.crc32(f"{seed}/{sample_id}/{g}".encode())
+
+
+def make_group(scenario: str, seed: int, counter: int, group_size: int, max_micro_turns: int
+               ) -> tuple[Group | None, str | None, int]:
+    """Conversation ``counter`` of ``scenario`` → (group or None, why skipped, next counter)."""
+    from tml.eval.run import prepare
+
+    p = prepare(scenario, seed, RL_INDEX_OFFSET - HELD_OUT_INDEX_OFFSET + counter)
+    if p.error:
+        return None, p.error, counter + 1
+    ref = cut_reference(p.ref, max_micro_turns)
+    if ref is None:
+        return None, f"{p.sample_id}: no task ends within {max_micro_turns} micro-turns", counter + 1
+    inputs = [TurnInputs(audio=x.audio, video=x.video, typed=x.typed, background=x.background)
+              for x in p.sample.inputs()][:ref.n_micro_turns]
+    sessions = [ScriptedSession(f"{p.sample_id}/g{g}", scenario, p.index, episode_seed(seed, p.sample_id, g), inputs)
+                for g in range(group_size)]
+    return Group(scenario, p.index, ref, sessions), None, counter + 1
+
+
+def step_groups(scenarios: list[str], seed: int, counters: dict[str, int], group_size: int,
+                max_micro_turns: int) -> tuple[list[Group], list[str], dict[str, int]]:
+    """One group per scenario → (groups, skipped conversations with reasons, new counters)."""
+    from tml.data_pipelines.scenarios import SCENARIOS
+
+    unknown = sorted(set(scenarios) - set(SCENARIOS))
+    if unknown or not scenarios:
+        raise ValueError(f"rl.scenarios={scenarios}: give one or more of {list(SCENARIOS)}")
+    counters = dict(counters)
+    groups, skipped = [], []
+    for sc in scenarios:
+        for _ in range(MAX_SKIPS):
+            g, why, counters[sc] = make_group(sc, seed, counters.get(sc, 0), group_size, max_micro_turns)
+            if g is not None:
+                groups.append(g)
+                break
+            skipped.append(why)
+        else:
+            raise ValueError(f"rl.scenarios: {MAX_SKIPS} {sc} conversations in a row had no task ending within "
+                             f"rl.max_micro_turns={max_micro_turns}: raise it (0 = whole conversations)")
+    return groups, skipped, counters
+
+
+__all__ = ["Group", "RL_INDEX_OFFSET", "cut_reference", "episode_seed", "make_group", "step_groups"]

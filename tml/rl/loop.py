@@ -1,0 +1,186 @@
+"""``tml rl``: the on-policy loop (rollout → score → update → push), checkpointed.
+
+Per step ``s`` (all under ``rl.kernel_mode``):
+
+1. :func:`tml.rl.episodes.step_groups` picks one conversation per scenario (the scenario
+   counters are RL state), ``G`` episodes each;
+2. :func:`tml.rl.rollout.play` serves all of them in the running engine, batched, and
+   scores them with the eval scorers (rewards ``rl.rewards``);
+3. :func:`tml.rl.learner.prepare` rescores them with :func:`tml.sampler.score` (old
+   log-probs, drift metrics), :func:`tml.rl.learner.learn` updates the policy;
+4. the new weights go into the running engine (``Engine.set_params``: no recompilation,
+   ``time/push_s`` logged with ``engine/compiled_programs``).
+
+``<rl.run_dir>/metrics.jsonl`` gets, per step, the eight ``mismatch/*`` metrics
+(:mod:`tml.sampler.divergence`), ``reward/mean`` and ``reward/<name>`` (mean signed value
+over the step's episodes), the ``rl/*`` learner metrics (loss, clip fraction, entropy,
+grad norm, k3 KL to the reference) and timings. ``<rl.run_dir>/checkpoints/`` holds the
+policy, optimizer state and step (:class:`tml.train.state.TrainState` on
+:class:`tml.train.checkpoint.Checkpointer`), the scenario counters in the data item;
+the episode seeds are functions of (``rl.seed``, conversation, episode), so a resumed run
+replays exactly what an uninterrupted one would have. The reference policy is the
+initial checkpoint, pinned to its step in ``<rl.run_dir>/rl_init.json`` at the first
+start (a training run adding steps later does not move it). SIGTERM saves at the next
+step boundary (:mod:`tml.train.preemption`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from tml import kernels
+from tml.rl.config import RLConfig
+from tml.rl.episodes import step_groups
+from tml.rl.learner import learn, make_update, optimizer_for, prepare
+from tml.rl.rewards import check_weights
+from tml.rl.rollout import make_engine, play
+
+log = logging.getLogger(__name__)
+MODES = ("batch_invariant", "standard")
+
+
+def validate(c: RLConfig) -> None:
+    from tml.rl.objectives import ADVANTAGES, AGGREGATIONS
+
+    problems = []
+    if c.kernel_mode not in MODES:
+        problems.append(f"rl.kernel_mode={c.kernel_mode!r}: choose one of {MODES}")
+    if c.group_size < 2:
+        problems.append(f"rl.group_size must be >= 2 (a group baseline needs two episodes), got {c.group_size}")
+    if not c.temperature > 0:
+        problems.append(f"rl.temperature must be > 0 (greedy episodes of a group would be identical), got "
+                        f"{c.temperature}")
+    if c.advantage not in ADVANTAGES:
+        problems.append(f"rl.advantage={c.advantage!r}: choose one of {ADVANTAGES}")
+    if c.aggregation not in AGGREGATIONS:
+        problems.append(f"rl.aggregation={c.aggregation!r}: choose one of {AGGREGATIONS}")
+    if c.steps < 0 or c.ppo_epochs < 1:
+        problems.append(f"rl.steps must be >= 0 and rl.ppo_epochs >= 1, got {c.steps}, {c.ppo_epochs}")
+    if c.tis_cap < 0 or c.kl_coef < 0:
+        problems.append(f"rl.tis_cap and rl.kl_coef must be >= 0, got {c.tis_cap}, {c.kl_coef}")
+    if problems:
+        raise ValueError("invalid rl config: " + "; ".join(problems))
+    check_weights(c.rewards)
+
+
+def _pinned_init(run_dir: Path, init: str) -> str:
+    """The initial checkpoint as one step dir (pinned in rl_init.json), or "none"."""
+    from tml.eval.checkpoint import NONE, resolve
+    from tml.train.checkpoint import Checkpointer
+
+    pin = run_dir / "rl_init.json"
+    if pin.exists():
+        return json.loads(pin.read_text())["init_checkpoint"]
+    if str(init).lower() in NONE:
+        resolved = "none"
+    else:
+        ckpt_dir, step = resolve(init)
+        if step is None:
+            c = Checkpointer(ckpt_dir, async_save=False)
+            step = c.latest_step()
+            c.close()
+        resolved = str(ckpt_dir / str(step))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pin.write_text(json.dumps({"init_checkpoint": resolved, "requested": init}))
+    return resolved
+
+
+def run(cfg) -> list[dict]:
+    """``tml rl`` on a composed :class:`tml.config.TmlConfig` (``cfg.rl``, ``cfg.model``) →
+    the records logged this run."""
+    from tml.eval.checkpoint import load_model
+    from tml.train.checkpoint import Checkpointer
+    from tml.train.config import WandbConfig
+    from tml.train.metrics_log import MetricsLogger
+    from tml.train.preemption import install_preemption_handler
+    from tml.train.state import TrainState
+
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    c: RLConfig = cfg.rl
+    validate(c)
+    weights = check_weights(c.rewards)
+    run_dir = Path(c.run_dir)
+    init = _pinned_init(run_dir, c.init_checkpoint)
+    model, loaded = load_model(cfg.model, init, c.seed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    ref_model = nnx.merge(graphdef, params, rest)
+    tx = optimizer_for(c)
+    state = TrainState.create(params, rest, tx.init(params), jax.random.key(c.seed))
+    counters: dict[str, int] = {}
+    ckpt = Checkpointer(run_dir / "checkpoints", model_config=cfg.model, async_save=False, keep_last=2)
+    if ckpt.latest_step() is not None:
+        state, data = state.restore(ckpt)
+        counters = dict((data or {}).get("counters", {}))
+        print(f"tml rl: resuming {run_dir} at step {state.step}")
+    holder = {"state": state, "counters": counters}
+
+    def save():
+        s = holder["state"]
+        if s.step not in ckpt.all_steps():
+            s.save(ckpt, data_state={"counters": holder["counters"]}, wait=True)
+
+    records = []
+    n_sessions = len(c.scenarios) * c.group_size
+    logger = MetricsLogger(run_dir, wandb=WandbConfig(mode=c.wandb_mode), config=cfg, total_steps=c.steps,
+                           start_step=state.step, progress_bar=False)
+    handler = install_preemption_handler(save)
+    try:
+        with kernels.kernel_mode(c.kernel_mode):
+            engine = make_engine(nnx.merge(graphdef, state.params, state.rest), n_sessions,
+                                 max_context=c.max_context, temperature=c.temperature, top_p=c.top_p,
+                                 max_output_tokens=c.max_output_tokens)
+            update = make_update(graphdef, c, tx)
+            while holder["state"].step < c.steps:
+                handler.check()
+                state = holder["state"]
+                t0 = time.perf_counter()
+                groups, skipped, new_counters = step_groups(list(c.scenarios), c.seed, holder["counters"],
+                                                            c.group_size, c.max_micro_turns)
+                episodes, dropped = play(engine, groups, weights)
+                if not episodes:
+                    raise RuntimeError(f"step {state.step}: every episode was dropped ({dropped}): check "
+                                       "rl.max_context and the scenarios")
+                t1 = time.perf_counter()
+                p = prepare(nnx.merge(graphdef, state.params, state.rest), ref_model, episodes, c)
+                t2 = time.perf_counter()
+                params, opt_state, m = learn(update, state.params, state.rest, state.opt_state, p, c)
+                compiled = engine.compiled_programs()
+                t3 = time.perf_counter()
+                engine.set_params(nnx.merge(graphdef, params, state.rest))
+                jax.block_until_ready(engine.state)
+                push = time.perf_counter() - t3
+                holder["state"] = TrainState.create(params, state.rest, opt_state, state.rng, state.step + 1)
+                holder["counters"] = new_counters
+                rewards = np.array([e.reward for e in episodes])
+                names = sorted({k for e in episodes for k in e.values})
+                metrics = {**p.drift, **m, "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+                           **{f"reward/{k}": float(np.mean([e.values[k] for e in episodes if k in e.values]))
+                              for k in names},
+                           "episodes": len(episodes), "episodes_dropped": len(dropped),
+                           "conversations_skipped": len(skipped), "tokens": p.tokens,
+                           "micro_turns": int(sum(len(e.turns) for e in episodes)),
+                           "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/push_s": push,
+                           "engine/compiled_programs": compiled,
+                           "engine/compiled_programs_after_push": engine.compiled_programs()}
+                records.append(logger.log(holder["state"].step, metrics))
+                print(f"tml rl step {holder['state'].step}: reward {metrics['reward/mean']:.3f} "
+                      f"bitwise_equal {metrics['mismatch/bitwise_equal_fraction']:.4f} "
+                      f"kl_k3 {metrics['mismatch/kl_k3']:.3g} ({t3 - t0 + push:.1f} s)", flush=True)
+                if c.save_every and holder["state"].step % c.save_every == 0:
+                    save()
+        save()
+    finally:
+        handler.uninstall()
+        logger.close()
+        ckpt.close()
+    return records
+
+
+__all__ = ["MODES", "run", "validate"]
