@@ -101,6 +101,13 @@ def divergence(cfg: DictConfig) -> None:
     run(_to_dataclass(cfg))
 
 
+def serve(cfg: DictConfig) -> None:
+    """Talk to a checkpoint: websocket streaming sessions and a browser page (prints the URL)."""
+    from tml.serve.app import main
+
+    main(_to_dataclass(cfg))
+
+
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "train": train,
     "data build": data_build,
@@ -108,6 +115,7 @@ COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "data bench": data_bench,
     "model params": model_params,
     "eval": eval_,
+    "serve": serve,
     "divergence": divergence,
 }
 

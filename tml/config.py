@@ -78,6 +78,30 @@ class BenchConfig:
 
 
 @dataclass
+class ServeConfig:
+    """``tml serve``: websocket streaming sessions over one sampler engine
+    (:mod:`tml.serve.server`; the wire protocol in :mod:`tml.serve.protocol`)."""
+
+    checkpoint: str = "runs/tiny"      # what `make run` writes (run dir, checkpoints/ or a step dir); none = fresh
+    seed: int = 0                      # fresh-weights seed; sessions without a handshake seed get seed + n
+    host: str = "127.0.0.1"            # loopback only unless told otherwise
+    port: int = 8998                   # 0 = any free port (printed)
+    token: str = ""                    # non-empty: clients must present it (?token= or the handshake)
+    max_sessions: int = 8              # sessions at once (the engine's batch)
+    max_message_bytes: int = 1048577   # one frame: a 1 MiB JPEG/PNG plus its kind byte
+    messages_per_second: float = 50.0  # per client (token bucket, 2 s burst)
+    max_queued_chunks: int = 5         # 200 ms chunks waiting for a tick, per client
+    tick_ms: float = 200.0             # one micro-turn
+    max_context: int = 8192            # KV slots per session
+    max_output_tokens: int = 16        # per-micro-turn output budget, <end> included
+    temperature: float = 0.8
+    top_p: float = 0.95
+    video_size: int = 80               # frames resized to video_size^2 (40-pixel patches)
+    kernel_mode: str = "batch_invariant"
+    warmup: bool = True                # compile every batch bucket before printing the URL
+
+
+@dataclass
 class TmlConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -90,6 +114,7 @@ class TmlConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def register_configs() -> None:
@@ -101,3 +126,4 @@ def register_configs() -> None:
     cs.store(group="train", name="train_schema", node=TrainerConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
+    cs.store(group="serve", name="serve_schema", node=ServeConfig)

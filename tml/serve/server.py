@@ -1,0 +1,436 @@
+"""The ``tml serve`` server: websocket sessions over one streaming :class:`~tml.sampler.Engine`.
+
+One websocket is one session (:mod:`tml.serve.protocol`); every session lives in the
+same engine, so a tick serves all of them as one batch. An asyncio task ticks every
+``tick_ms`` (200 ms): it takes the oldest queued 200 ms chunk of every session that has
+one (with the typed text, video frame and background results that arrived before it),
+``append``s them, runs ``engine.tick()`` in a worker thread (the event loop keeps
+reading sockets meanwhile) and sends each session its outputs: MODEL_AUDIO (vocoded
+PCM16), MODEL_TEXT, MODEL_EVENT (control actions) and TICK (timing, tokens, raw
+log-prob bits). A tick that ends past its deadline starts the next at once and is
+counted in ``/stats`` (``deadline_misses``).
+
+**Engine access.** The engine is not thread-safe (its ``append`` mutates the session a
+running ``tick`` reads), so every engine call — append, tick, open, close, rollback —
+happens under one ``asyncio.Lock``; control frames and disconnects wait at most one
+tick. Chunks that arrive meanwhile only go into their session's queue.
+
+**Safety.** Binds ``127.0.0.1`` unless told otherwise. Optional token (``?token=`` on
+the websocket URL or ``"token"`` in the handshake, compared in constant time). Limits:
+sessions (``max_sessions``; the engine's own), message size (``max_message_bytes``;
+aiohttp's hard limit is 4x that and closes the socket), message rate (a token bucket of
+``messages_per_second``, burst 2 s worth) and queued chunks (``max_queued_chunks``). Any
+malformed, oversized or refused message gets an ERROR frame to its sender only and is
+dropped: no other session's inputs, outputs or timing change (``tests/serve``). A
+socket that closes frees its session's pages in the engine's pool as soon as the
+running tick (if any) ends. SIGTERM/SIGINT close every socket (code 1001), every
+session, and stop the server (:func:`run`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+from aiohttp import WSCloseCode, WSMsgType, web
+
+from tml.serve import protocol as P
+from tml.serve.protocol import Kind, ProtocolError
+
+
+@dataclass
+class Limits:
+    """What one client may do; see the module docstring."""
+
+    max_sessions: int = 8
+    max_message_bytes: int = P.MAX_VIDEO_BYTES + 1
+    messages_per_second: float = 50.0
+    max_queued_chunks: int = 5
+
+
+@dataclass(eq=False)
+class Conn:
+    """One websocket and its session's not-yet-served input (hashed by identity)."""
+
+    ws: web.WebSocketResponse
+    sid: int | None = None
+    queue: deque = field(default_factory=deque)           # (float32 [3200], arrival perf_counter)
+    typed: list = field(default_factory=list)
+    video: np.ndarray | None = None
+    background: list = field(default_factory=list)
+    tokens: float = 0.0
+    refill: float = 0.0
+    micro_turn: int = 0
+    handshaken: bool = False
+
+
+@dataclass
+class Stats:
+    """Server counters, served as JSON at ``/stats``."""
+
+    sessions_opened: int = 0
+    sessions_closed: int = 0
+    chunks_received: int = 0
+    ticks: int = 0
+    turns_served: int = 0
+    frames_sent: int = 0
+    audio_frames_sent: int = 0
+    errors_sent: int = 0
+    deadline_misses: int = 0
+    tick_ms: deque = field(default_factory=lambda: deque(maxlen=1000))      # engine tick wall time
+    loop_ms: deque = field(default_factory=lambda: deque(maxlen=1000))      # whole server tick (append..sent)
+    latency_ms: deque = field(default_factory=lambda: deque(maxlen=1000))   # chunk arrival -> outputs sent
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if not isinstance(v, deque)}
+        for k in ("tick_ms", "loop_ms", "latency_ms"):
+            v = np.asarray(getattr(self, k), np.float64)
+            d[k] = {"n": int(v.size), "p50": float(np.percentile(v, 50)) if v.size else None,
+                    "p99": float(np.percentile(v, 99)) if v.size else None}
+        return d
+
+
+def static_file(name: str) -> bytes:
+    """A file of the browser page (package data ``tml/serve/static``)."""
+    return resources.files("tml.serve").joinpath("static", name).read_bytes()
+
+
+STATIC_TYPES = {"index.html": "text/html", "client.js": "text/javascript", "capture-worklet.js": "text/javascript"}
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """JPEG/PNG bytes → uint8 [size, size, 3] RGB (resized; 40-pixel patches, so
+    ``size`` = 80 gives 4 patches per frame pair). Raises ProtocolError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB").resize((size, size)), np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ProtocolError("bad_payload", f"VIDEO frame does not decode as JPEG/PNG: {e}") from None
+
+
+class Server:
+    """``Server(engine, host=, port=, token=, limits=, tick_ms=, seed=, video_size=)``;
+    ``await start()`` → the URL, ``await stop()``; or :func:`run` (blocking, SIGTERM-aware).
+
+    ``engine``: a :class:`tml.sampler.Engine` (vocoder on, for MODEL_AUDIO) that nobody
+    else uses while the server runs. ``seed``: the base seed of sessions whose handshake
+    names none (session id added)."""
+
+    def __init__(self, engine, *, host: str = "127.0.0.1", port: int = 8998, token: str = "",
+                 limits: Limits = Limits(), tick_ms: float = 200.0, seed: int = 0, video_size: int = 80):
+        if tick_ms <= 0:
+            raise ValueError(f"tick_ms={tick_ms}: the tick period must be positive (200 ms is one micro-turn)")
+        self.engine, self.host, self.port, self.token = engine, host, port, token
+        self.limits = Limits(**{**limits.__dict__, "max_sessions": min(limits.max_sessions, engine.max_sessions)})
+        self.tick_s, self.seed, self.video_size = tick_ms / 1000.0, seed, video_size
+        self.stats = Stats()
+        self.conns: set[Conn] = set()
+        self._lock = asyncio.Lock()
+        self._tick_task: asyncio.Task | None = None
+        self._runner: web.AppRunner | None = None
+        self.url: str | None = None
+        self.app = web.Application()
+        self.app.router.add_get("/", self._index)
+        self.app.router.add_get("/static/{name}", self._static)
+        self.app.router.add_get("/ws", self._websocket)
+        self.app.router.add_get("/stats", self._stats)
+
+    # ------------------------------------------------------------------ http
+    async def _index(self, request):
+        return web.Response(body=static_file("index.html"), content_type="text/html")
+
+    async def _static(self, request):
+        name = request.match_info["name"]
+        if name not in STATIC_TYPES:
+            raise web.HTTPNotFound()
+        return web.Response(body=static_file(name), content_type=STATIC_TYPES[name])
+
+    async def _stats(self, request):
+        return web.json_response({**self.stats.as_dict(), "live_sessions": sum(c.sid is not None for c in self.conns),
+                                  "free_pages": self.engine.pool.n_free, "connections": len(self.conns)})
+
+    # --------------------------------------------------------------- lifecycle
+    async def start(self, tick: bool = True) -> str:
+        """Listen → the page's URL; ``tick=False`` starts no tick loop (a caller drives
+        :meth:`tick_once`, as the tests do to choose which chunks share a tick)."""
+        self._runner = web.AppRunner(self.app, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # the real port when port=0
+        self.url = f"http://{self.host}:{port}/"
+        if tick:
+            self._tick_task = asyncio.create_task(self._tick_loop())
+        return self.url
+
+    async def stop(self) -> None:
+        """Stop ticking, close every socket (1001 going away) and session, stop listening."""
+        if self._tick_task is not None:
+            self._tick_task.cancel()
+            try:
+                await self._tick_task
+            except asyncio.CancelledError:
+                pass
+        for c in list(self.conns):
+            await c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+        async with self._lock:
+            for c in list(self.conns):
+                self._close_session(c)
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # ------------------------------------------------------------------ sending
+    async def _send(self, c: Conn, frame: bytes) -> None:
+        if c.ws.closed:
+            return
+        try:
+            await c.ws.send_bytes(frame)
+            self.stats.frames_sent += 1
+        except (ConnectionError, RuntimeError):
+            pass  # the socket went away; its handler closes the session
+
+    async def _error(self, c: Conn, code: str, message: str) -> None:
+        self.stats.errors_sent += 1
+        await self._send(c, P.error(code, message))
+
+    # ----------------------------------------------------------------- sessions
+    def _open_session(self, c: Conn, seed: int | None, context: str, sampling=None) -> int:
+        """Under the lock."""
+        live = sum(x.sid is not None for x in self.conns)
+        if live >= self.limits.max_sessions:
+            raise ProtocolError("server_full", f"the server serves max_sessions={self.limits.max_sessions} sessions: "
+                                               "try again later, or start it with a larger serve.max_sessions")
+        sid = self.engine.open(seed=self.seed + self.stats.sessions_opened if seed is None else seed,
+                               context=context or None, sampling=sampling)
+        c.sid, c.micro_turn = sid, 0
+        self.stats.sessions_opened += 1
+        return sid
+
+    def _close_session(self, c: Conn) -> None:
+        """Under the lock: the session's pages go back to the pool now."""
+        if c.sid is not None:
+            self.engine.close(c.sid)
+            self.stats.sessions_closed += 1
+        c.sid = None
+        c.queue.clear(), c.typed.clear(), c.background.clear()
+        c.video = None
+
+    def _sampling(self, hs: dict):
+        if "temperature" not in hs and "top_p" not in hs:
+            return None
+        from dataclasses import replace
+        try:
+            return replace(self.engine.sampling, **{k: float(hs[k]) for k in ("temperature", "top_p") if k in hs}
+                           ).validate()
+        except ValueError as e:
+            raise ProtocolError("bad_payload", f"handshake sampling: {e}") from None
+
+    # ------------------------------------------------------------------ socket
+    async def _websocket(self, request):
+        ws = web.WebSocketResponse(max_msg_size=4 * self.limits.max_message_bytes, heartbeat=None)
+        await ws.prepare(request)
+        c = Conn(ws, tokens=2 * self.limits.messages_per_second, refill=time.perf_counter())
+        self.conns.add(c)
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.BINARY:
+                    await self._on_message(c, msg.data, request)
+                elif msg.type == WSMsgType.TEXT:
+                    await self._error(c, "binary_only", "frames are binary websocket messages (kind byte + payload); "
+                                                        "see tml.serve.protocol")
+                elif msg.type == WSMsgType.ERROR:
+                    break
+        finally:
+            self.conns.discard(c)
+            async with self._lock:
+                self._close_session(c)
+        return ws
+
+    def _rate_ok(self, c: Conn) -> bool:
+        now = time.perf_counter()
+        rate = self.limits.messages_per_second
+        c.tokens = min(2 * rate, c.tokens + (now - c.refill) * rate)
+        c.refill = now
+        if c.tokens < 1:
+            return False
+        c.tokens -= 1
+        return True
+
+    async def _on_message(self, c: Conn, data: bytes, request) -> None:
+        if not self._rate_ok(c):
+            await self._error(c, "rate_limited", f"more than {self.limits.messages_per_second:g} messages/s: "
+                                                 "message dropped; send one 200 ms chunk per 200 ms")
+            return
+        try:
+            f = P.decode(data, sender="client", max_bytes=self.limits.max_message_bytes)
+            await self._handle(c, f, request)
+        except ProtocolError as e:
+            await self._error(c, e.code, str(e))
+            if e.code in ("unauthorized", "server_full"):
+                await c.ws.close(code=4401 if e.code == "unauthorized" else 4503, message=e.code.encode())
+
+    async def _handle(self, c: Conn, f: P.Frame, request) -> None:
+        if f.kind == Kind.PING:
+            await self._send(c, P.encode(Kind.PONG, f.value))
+            return
+        if f.kind == Kind.HANDSHAKE:
+            if c.handshaken:
+                raise ProtocolError("bad_payload", "handshake already done: send CONTROL open after close instead")
+            token = f.value.get("token") or request.query.get("token", "")
+            if self.token and not hmac.compare_digest(token.encode(), self.token.encode()):
+                raise ProtocolError("unauthorized", "wrong or missing token: pass ?token=... or \"token\" in the "
+                                                    "handshake (the one `tml serve serve.token=...` was started with)")
+            sampling = self._sampling(f.value)
+            async with self._lock:
+                sid = self._open_session(c, f.value.get("seed"), f.value.get("context", ""), sampling)
+            c.handshaken = True
+            await self._send(c, P.encode(Kind.SERVER_HANDSHAKE, {
+                "version": P.VERSION, "session": sid, "sample_rate": P.SAMPLE_RATE, "chunk_samples": P.CHUNK_SAMPLES,
+                "tick_ms": self.tick_s * 1000, "limits": self.limits.__dict__}))
+            return
+        if c.sid is None and not (c.handshaken and f.kind == Kind.CONTROL and f.value["action"] == "open"):
+            raise ProtocolError("no_session", f"{f.kind.name} before a session is open: send HANDSHAKE first "
+                                              "(or CONTROL open after close)")
+        if f.kind == Kind.AUDIO:
+            if len(c.queue) >= self.limits.max_queued_chunks:
+                raise ProtocolError("backlog", f"{len(c.queue)} chunks already wait for a tick "
+                                               f"(max_queued_chunks={self.limits.max_queued_chunks}): chunk dropped; "
+                                               "send in real time, one chunk per 200 ms")
+            c.queue.append((f.value, time.perf_counter()))
+            self.stats.chunks_received += 1
+        elif f.kind == Kind.TEXT:
+            c.typed.append(f.value)
+        elif f.kind == Kind.VIDEO:
+            c.video = decode_image(f.value, self.video_size)
+        elif f.kind == Kind.CONTROL:
+            await self._control(c, f.value)
+
+    async def _control(self, c: Conn, msg: dict) -> None:
+        action = msg["action"]
+        async with self._lock:
+            if action == "open":
+                if c.sid is not None:
+                    raise ProtocolError("bad_payload", "CONTROL open: a session is already open on this socket; "
+                                                       "close it first")
+                self._open_session(c, msg.get("seed"), msg.get("context", "") or "")
+                event = {"event": "opened", "session": c.sid}
+            elif action == "close":
+                sid = c.sid
+                self._close_session(c)
+                event = {"event": "closed", "session": sid}
+            elif action == "cancel":
+                dropped = len(c.queue)
+                c.queue.clear(), c.typed.clear(), c.background.clear()
+                c.video = None
+                event = {"event": "cancelled", "dropped_chunks": dropped}
+            else:  # rollback
+                c.queue.clear(), c.typed.clear()
+                c.video = None
+                try:
+                    self.engine.rollback(c.sid, msg["micro_turn"])
+                except ValueError as e:
+                    raise ProtocolError("bad_payload", f"CONTROL rollback: {e}") from None
+                c.micro_turn = msg["micro_turn"]
+                event = {"event": "rolled_back", "micro_turn": msg["micro_turn"]}
+        await self._send(c, P.encode(Kind.MODEL_EVENT, {"micro_turn": c.micro_turn, **event}))
+
+    # -------------------------------------------------------------------- ticks
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.tick_s
+        while True:
+            await self.tick_once()
+            now = loop.time()
+            if now > deadline:
+                self.stats.deadline_misses += int((now - deadline) // self.tick_s) + 1
+                deadline = now + self.tick_s
+                await asyncio.sleep(0)
+            else:
+                await asyncio.sleep(deadline - now)
+                deadline += self.tick_s
+
+    async def tick_once(self) -> int:
+        """Serve every session with a queued chunk → how many were served."""
+        from tml.sampler import TurnInputs
+
+        t_start = time.perf_counter()
+        served: list[tuple[Conn, float]] = []
+        async with self._lock:
+            for c in list(self.conns):
+                if c.sid is None or not c.queue:
+                    continue
+                audio, arrived = c.queue.popleft()
+                inputs = TurnInputs(audio=audio, typed="".join(c.typed), video=c.video,
+                                    background="\n".join(c.background))
+                c.typed.clear(), c.background.clear()
+                c.video = None
+                try:
+                    self.engine.append(c.sid, inputs)
+                except (ValueError, RuntimeError) as e:  # capacity, pool exhausted, bad input: this session only
+                    await self._error(c, "refused", f"micro-turn not served: {e}")
+                    continue
+                served.append((c, arrived))
+            if not served:
+                return 0
+            t0 = time.perf_counter()
+            try:
+                outs = await asyncio.to_thread(self.engine.tick)
+            except Exception as e:  # noqa: BLE001 -- an engine failure ends the sessions it was serving
+                for c, _ in served:
+                    await self._error(c, "engine", f"the engine failed serving this tick ({e!r}); session closed: "
+                                                   "send CONTROL open to start again")
+                    self._close_session(c)
+                return 0
+            engine_ms = 1000 * (time.perf_counter() - t0)
+        self.stats.ticks += 1
+        self.stats.tick_ms.append(engine_ms)
+        tick = self.stats.ticks
+        for c, arrived in served:
+            o = outs.get(c.sid) if c.sid is not None else None
+            if o is None:
+                continue
+            c.micro_turn = o.micro_turn + 1
+            self.stats.turns_served += 1
+            if o.waveform is not None and len(o.waveform):
+                await self._send(c, P.encode(Kind.MODEL_AUDIO, o.waveform, micro_turn=o.micro_turn))
+                self.stats.audio_frames_sent += 1
+            if o.text:
+                await self._send(c, P.encode(Kind.MODEL_TEXT, o.text, micro_turn=o.micro_turn))
+            if o.control:
+                await self._send(c, P.encode(Kind.MODEL_EVENT, {"micro_turn": o.micro_turn, "event": "control",
+                                                                "actions": list(o.control)}))
+            await self._send(c, P.encode(Kind.TICK, {
+                "micro_turn": o.micro_turn, "tick": tick, "queue_ms": round(1000 * (t0 - arrived), 3),
+                "engine_ms": round(engine_ms, 3), "batch": len(served), "tokens": o.tokens.tolist(),
+                "logprobs": P.logprob_hex(o.logprobs), "forced_end": bool(o.forced_end),
+                "speaking": bool(len(o.speech))}))
+            self.stats.latency_ms.append(1000 * (time.perf_counter() - arrived))
+        self.stats.loop_ms.append(1000 * (time.perf_counter() - t_start))
+        return len(served)
+
+
+def run(server: Server, *, on_ready=print) -> None:
+    """Start ``server``, call ``on_ready(message)`` with its URL, serve until SIGTERM or
+    SIGINT, then stop cleanly (every socket and session closed)."""
+
+    async def main():
+        url = await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        on_ready(f"tml serve: open {url} (websocket {url}ws, protocol v{P.VERSION})")
+        await stop.wait()
+        await server.stop()
+        on_ready(f"tml serve: stopped after {server.stats.ticks} ticks, {server.stats.sessions_opened} sessions")
+
+    asyncio.run(main())
