@@ -7,7 +7,7 @@ const K = { HANDSHAKE: 0x00, AUDIO: 0x01, VIDEO: 0x02, TEXT: 0x03, CONTROL: 0x04
             ERROR: 0x15, PONG: 0x16 };
 const VERSION = 1, RATE = 16000;
 const stats = window.tmlStats = { chunksSent: 0, ticks: 0, modelAudio: 0, modelText: 0, events: 0, errors: 0,
-                                  session: null, lastError: null, state: "idle" };
+                                  session: null, lastError: null, errorCodes: {}, state: "idle" };
 const enc = new TextEncoder(), dec = new TextDecoder();
 let ws = null, ctx = null, playAt = 0;
 const userLevels = [];   // RMS of each chunk sent, in order
@@ -88,6 +88,7 @@ function onMessage(ev) {
     stats.errors++;
     const e = JSON.parse(dec.decode(body));
     stats.lastError = e;
+    stats.errorCodes[e.code] = (stats.errorCodes[e.code] || 0) + 1;
     $("errors").textContent = `${e.code}: ${e.message}`;
   }
 }
