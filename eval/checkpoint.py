@@ -15,8 +15,8 @@ model).
 The weights are read through :class:`tml.train.checkpoint.Checkpointer`, item ``model``
 only (``{"params": nnx.Param state, "rest": the other model state}``, as
 :class:`tml.train.state.TrainState` saves it; optimizer, RNG and loader state are not
-read), onto an abstract model built from ``cfg.model`` (``nnx.eval_shape``: no
-initialisation is computed). A checkpoint written by another model config is refused
+read), onto a model built from ``cfg.model`` (as the trainer does: its array values are
+replaced, its host-side leaves keep their dtype). A checkpoint written by another model config is refused
 before any array is read (:class:`CheckpointModelMismatch`): the message names the
 checkpoint, every differing key with both values, and what to pass -- ``model=<recipe>``
 when a recipe in ``recipes/model/`` has the checkpoint's config, else the
@@ -133,8 +133,6 @@ def load_model(model_cfg, checkpoint: str | None, seed: int = 0):
     if checkpoint is None or str(checkpoint).lower() in NONE:
         return InteractionModel(model_cfg, rngs=nnx.Rngs(seed)), Loaded(None, None, seed)
     ckpt_dir, step = resolve(str(checkpoint))
-    abstract = nnx.eval_shape(lambda: InteractionModel(model_cfg, rngs=nnx.Rngs(seed)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     absl = logging.getLogger("absl")  # Orbax logs every restore step at INFO, which Hydra prints
     level = absl.level
     absl.setLevel(logging.WARNING)
@@ -142,7 +140,11 @@ def load_model(model_cfg, checkpoint: str | None, seed: int = 0):
         ckpt = Checkpointer(ckpt_dir, model_config=model_cfg, async_save=False)
         try:
             step = ckpt.latest_step() if step is None else step
-            check_model_config(ckpt_dir, step, ckpt.read_meta(step), model_cfg)
+            check_model_config(ckpt_dir, step, ckpt.read_meta(step), model_cfg)  # before building anything
+            # a concrete model as the restore target, as the trainer restores: its host (numpy)
+            # leaves, e.g. the hMLP's int64 scale plan, come back as numpy of the same dtype
+            # (nnx.eval_shape would make them int32 device arrays: another state signature)
+            graphdef, params, rest = nnx.split(InteractionModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
             r = ckpt.restore(step, model={"params": params, "rest": rest})
         finally:
             ckpt.close()

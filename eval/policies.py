@@ -166,18 +166,19 @@ class ModelPolicy:
     with one batch bucket (``max_sessions``), so a tick with fewer live sessions pads
     instead of compiling another program (measured: each new bucket costs a compile of
     several seconds on this CPU, more than the padding saves over a run).
+    ``engine_options`` go to the :class:`~tml.sampler.Engine` (e.g. ``chunk_buckets``).
     """
 
     def __init__(self, model, *, name: str = "model", max_sessions: int = 8,
-                 sampling: ModelSampling = ModelSampling()):
+                 sampling: ModelSampling = ModelSampling(), **engine_options):
         from tml.sampler import Engine, SamplingParams
 
         self.name, self.model = name, model
         self.sampling = sampling
-        self.engine = Engine(
-            model, max_sessions=max_sessions, batch_buckets=(max_sessions,), max_context=sampling.max_context,
-            sampling=SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p),
-            max_output_tokens=sampling.max_output_tokens, vocoder=False)
+        options = dict(batch_buckets=(max_sessions,), max_context=sampling.max_context, vocoder=False,
+                       sampling=SamplingParams(sampling.temperature, sampling.top_k, sampling.top_p, sampling.min_p),
+                       max_output_tokens=sampling.max_output_tokens)
+        self.engine = Engine(model, max_sessions=max_sessions, **{**options, **engine_options})
         self._sid: dict[str, int] = {}
 
     def open(self, sample: Sample) -> None:

@@ -241,12 +241,15 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, m
             extra["model"] = {"checkpoint": loaded.checkpoint, "step": loaded.step, "init_seed": loaded.seed,
                               "model_config": dataclasses.asdict(model_cfg) if dataclasses.is_dataclass(model_cfg)
                               else None}
-        t_stream = time.perf_counter()
+        t_stream, cpu = time.perf_counter(), time.process_time()
         with kernels.kernel_mode(cfg.kernel_mode):
             samples, errors, seeds = run_scenarios(cfg, policy)
         seconds = time.perf_counter() - t_stream
         n_mt = sum(s["micro_turns"] for s in samples)
+        # wall seconds (compilation included) and this process's CPU seconds: on a shared
+        # machine the wall time says more about the neighbours than about tml
         extra["timing"] = {"stream_and_score_s": round(seconds, 3), "setup_s": round(t_stream - t0, 3),
+                           "cpu_s": round(time.process_time() - cpu, 3),
                            "samples": len(samples), "micro_turns": n_mt,
                            "s_per_sample": round(seconds / max(len(samples), 1), 4),
                            "ms_per_micro_turn": round(1e3 * seconds / max(n_mt, 1), 3)}
@@ -284,7 +287,8 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, m
         if "timing" in extra:
             t = extra["timing"]
             print(f"\n{t['samples']} samples, {t['micro_turns']} micro-turns in {t['stream_and_score_s']:.1f} s "
-                  f"({t['s_per_sample']:.2f} s/sample, {t['ms_per_micro_turn']:.1f} ms/micro-turn)")
+                  f"({t['cpu_s']:.1f} CPU s; {t['s_per_sample']:.2f} s/sample, {t['ms_per_micro_turn']:.1f} "
+                  "ms/micro-turn, compilation included)")
         print(f"\nwrote {out / 'eval.json'}" + "".join(f", {p}" for p in plots))
     return result
 
