@@ -67,10 +67,29 @@ def bucket(n: int, buckets: tuple[int, ...], what: str) -> int:
     raise ValueError(f"{n} {what} exceed the largest bucket {buckets[-1]}: build the engine with larger buckets")
 
 
-def _advance(graphdef, state, k, v, table, lengths, chunk, n_new):
+class _NoVideo:
+    """Stands in for the hMLP encoder in calls whose chunk holds no patch (every decode
+    call): zeros [N, d_model]. The model selects a patch embedding only at ``VIDEO``
+    positions (``jnp.where``), so the zeros are never read and no bit changes
+    (``tests/sampler/test_alignment.py`` decodes with it). Measured on the loaded 2-core
+    CPU (tiny, batch_invariant): the encoder over the one dummy patch slot per row cost
+    ~17-19 ms per call on its own (1-16 rows), against ~12-44 ms for a whole decode call."""
+
+    def __init__(self, d_model: int):
+        self.d_model = d_model
+
+    def __call__(self, pix):
+        return jnp.zeros((pix.shape[0], self.d_model), pix.dtype)
+
+
+def _advance(graphdef, state, k, v, table, lengths, chunk, n_new, video=True):
     """One batched call: the chunk appended to each row's pages → (log-probs of the last
-    real position: text [B, V] and speech [B, n_mels, n_bins], the pools)."""
-    out = nnx.merge(graphdef, state)(chunk, cache=PagedKVCache(k, v, table, lengths), n_new=n_new)
+    real position: text [B, V] and speech [B, n_mels, n_bins], the pools). ``video``
+    (static) False: the chunk has no patch, skip the video encoder (:class:`_NoVideo`)."""
+    model = nnx.merge(graphdef, state)
+    if not video:
+        object.__setattr__(model, "hmlp", _NoVideo(model.cfg.d_model))
+    out = model(chunk, cache=PagedKVCache(k, v, table, lengths), n_new=n_new)
     last = jnp.maximum(n_new - 1, 0)
     text = jnp.take_along_axis(out.text_logits, last[:, None, None], axis=1)[:, 0]
     speech = jnp.take_along_axis(out.speech_logits, last[:, None, None, None], axis=1)[:, 0]
@@ -88,7 +107,7 @@ def _program(graphdef):
     for g, fn in _PROGRAMS:
         if g == graphdef:
             return fn
-    fn = jax.jit(functools.partial(_advance, graphdef), donate_argnums=(1, 2))
+    fn = jax.jit(functools.partial(_advance, graphdef), donate_argnums=(1, 2), static_argnames=("video",))
     _PROGRAMS.append((graphdef, fn))
     return fn
 
@@ -225,6 +244,37 @@ class Engine:
         self.pool.ensure(sid, s.length + len(seq) + self.max_output_tokens)
         s.pending = Pending(turn, seq, tail)
 
+    def load_history(self, sid: int, turns: list[MicroTurn]) -> None:
+        """Prefill a new session (nothing committed, nothing pending) with finished
+        micro-turns (inputs and outputs, laid out as :func:`tml.stream.layout` lays them;
+        ``open``'s context is not added) as if it had lived them: a conversation resumed
+        from its history, or re-prefilled (``python -m tml.sampler.bench`` times it). No
+        :class:`TurnOutput` is made for them and the audio tail starts from zeros. In
+        ``batch_invariant`` mode the KV bits equal those of living the turns (prefill
+        chunking changes no bits); a :meth:`snapshot` restores exactly in either mode."""
+        s = self._get(sid)
+        if s.turns or s.pending is not None:
+            raise RuntimeError(f"load_history needs a fresh session; session {sid} has committed or pending "
+                               "micro-turns: open a new one")
+        turns = list(turns)
+        if not turns:
+            return
+        seq = layout(turns, self.tokenizer)
+        self.pool.ensure(sid, len(seq))
+        s.pending = Pending(turns[-1], seq, s.tails[-1])
+        try:
+            table = np.zeros((self.batch_buckets[0], self.pool.max_pages), np.int32)
+            table[0] = self.pool.page_table(sid)
+            self._prefill([s], self.batch_buckets[0], table, np.zeros(self.batch_buckets[0], np.int32))
+        except BaseException:
+            self.pool.truncate(sid, 0)
+            raise
+        finally:
+            s.pending = None
+        s.turns = turns
+        s.starts = [int(i) for i in seq.micro_turn_starts()] + [len(seq)]
+        s.tails = [np.zeros_like(s.tails[0]) for _ in s.starts]
+
     def rollback(self, sid: int, micro_turn: int) -> None:
         """Return to the state before ``micro_turn`` (0 ≤ micro_turn ≤ committed count):
         later micro-turns are forgotten and their pages returned; appending again
@@ -270,9 +320,10 @@ class Engine:
             out.update(self._serve(pend[i:i + self.batch_buckets[-1]]))
         return out
 
-    def _call(self, table, lengths, chunk, n_new, n):
+    def _call(self, table, lengths, chunk, n_new, n, video=True):
         lt, ls, self.k, self.v = self._advance(self.state, self.k, self.v, jnp.asarray(table), jnp.asarray(lengths),
-                                               {k: jnp.asarray(a) for k, a in chunk.items()}, jnp.asarray(n_new))
+                                               {k: jnp.asarray(a) for k, a in chunk.items()}, jnp.asarray(n_new),
+                                               video=video)
         return np.asarray(lt)[:n], np.asarray(ls)[:n]
 
     @staticmethod
@@ -374,7 +425,7 @@ class Engine:
                 r["logprobs"].append(np.float32(lp))
                 chunk["tokens"][i, 0], chunk["modality"][i, 0], chunk["positions"][i, 0] = token, modality, pos
                 n_new[i] = 1
-            lt, ls = self._call(table, lengths, chunk, n_new, n)
+            lt, ls = self._call(table, lengths, chunk, n_new, n, video=False)
             lengths[:B] += n_new
             for i in active:
                 lp_text[i], lp_speech[i] = lt[i], ls[i]

@@ -1,0 +1,334 @@
+"""The sampler benchmark: ``python -m tml.sampler.bench [--quick]`` → a table and
+``bench_results/sampler.json``.
+
+Every figure is measured in both kernel modes in one run, **interleaved** (tick by tick,
+the order alternating), so a load spike on the shared machine hits both alike; the
+``batch_invariant`` / ``standard`` ratios stand beside the figures, and the issue's
+targets beside those (a missed target is marked ``MISSED``).
+
+* **Tick latency** (p50 / p99 of :meth:`Engine.tick`, after warm-up ticks that compile):
+  1, 4, 16, 64 sessions of ``tiny`` (``recipes/model/tiny.yaml``) and 1, 4 of ``small``,
+  fresh weights, temperature 1, every session appending one micro-turn of random dMel per
+  tick. Fresh weights emit near-uniform text bytes, so every micro-turn runs to the output
+  budget (``max_output_tokens`` = 16, the engine default: 1 prefill call + 16 decode calls
+  per tick) — the worst case; ``decode_steps`` records it. The vocoder is off in the
+  timed ticks and timed on its own (``vocoder_ms_per_speaking_micro_turn``): Griffin–Lim
+  on the host is a per-speaking-session cost a server runs beside the model's tick.
+* **Append vs re-prefill** at 10, 30, 60 s of conversation (``tiny``, one session): a
+  session that keeps its KV pays one tick per micro-turn; a stateless server pays a
+  prefill of the whole history (:meth:`Engine.load_history`, chunks of 512) plus that
+  tick. ``speedup`` = (re-prefill + tick) / tick.
+* **Minute 1 vs minute 10**: one ``tiny`` engine per mode holds two sessions whose history
+  was pre-filled (simulated, :meth:`Engine.load_history` of 300 and 3,000 random
+  micro-turns: 1 and 10 minutes), ticked alternately; the same engine capacity for both.
+* **Memory per session-minute**: KV bytes from the config (``2 · n_layers · n_kv_heads ·
+  head_dim · itemsize`` per token, times the tokens of a minute of the random history)
+  and the process's RSS growth over the timed ticks of the 16-session ``tiny`` run per
+  session-minute served (host-side history: micro-turns, outputs; the KV pool is
+  allocated up front, so it does not grow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import numpy as np
+
+MODES = ("batch_invariant", "standard")
+BUDGET_MS = 200.0
+TARGETS = {"tick_p99_ms_16_tiny": 50.0, "ratio": 1.25, "append_speedup_60s": 20.0, "minute10_over_minute1": 1.05}
+
+
+def _rss() -> int:
+    """Current resident set size in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _pct(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean()), "n": len(a)}
+
+
+def _model(name: str):
+    from flax import nnx
+
+    from tml.model.bench import load_recipe
+    from tml.model.model import InteractionModel
+
+    return InteractionModel(load_recipe(name), rngs=nnx.Rngs(0))
+
+
+def _engine(model, mode: str, **kw):
+    from tml import kernels
+    from tml.sampler import Engine
+
+    with kernels.kernel_mode(mode):
+        return Engine(model, vocoder=False, **kw)
+
+
+def _inputs(rng, n):
+    from tml.sampler import TurnInputs
+
+    return [TurnInputs(dmel=rng.integers(0, 16, (4, 80), dtype=np.uint8)) for _ in range(n)]
+
+
+def _interleaved_ticks(engines: dict, sids: dict, n_ticks: int, warmup: int, rng, log, label: str,
+                       on_warm=None) -> dict:
+    """Tick every engine (one per mode) n_ticks + warmup times, alternating the mode order;
+    each tick every session in ``sids[mode]`` appends one micro-turn."""
+    from tml import kernels
+
+    times = {m: [] for m in engines}
+    steps = {m: [] for m in engines}
+    n_sess = len(next(iter(sids.values())))
+    feeds = [_inputs(rng, n_sess) for _ in range(n_ticks + warmup)]
+    for t in range(n_ticks + warmup):
+        if t == warmup and on_warm:
+            on_warm()
+        order = list(engines) if t % 2 == 0 else list(engines)[::-1]
+        for m in order:
+            eng = engines[m]
+            with kernels.kernel_mode(m):
+                for sid, inp in zip(sids[m], feeds[t]):
+                    eng.append(sid, inp)
+                t0 = time.perf_counter()
+                outs = eng.tick()
+                dt = (time.perf_counter() - t0) * 1e3
+            if t >= warmup:
+                times[m].append(dt)
+                steps[m].append(max(len(o.tokens) for o in outs.values()))
+    res = {m: {**_pct(times[m]), "decode_steps": float(np.mean(steps[m]))} for m in engines}
+    log(f"  {label}: " + "  ".join(f"{m} p50 {r['p50_ms']:.1f} p99 {r['p99_ms']:.1f} ms" for m, r in res.items()))
+    return res
+
+
+def bench_ticks(model, name: str, n: int, n_ticks: int, warmup: int, log, max_context: int | None = None) -> dict:
+    rng = np.random.default_rng(n)
+    max_context = max_context or 64 * -(-((n_ticks + warmup) * 26 + 64) // 64)
+    engines = {m: _engine(model, m, max_sessions=n, max_context=max_context) for m in MODES}
+    sids = {m: [e.open(seed=s) for s in range(n)] for m, e in engines.items()}
+    rss = {}
+
+    def mark():
+        gc.collect()
+        rss["start"] = _rss()
+
+    res = _interleaved_ticks(engines, sids, n_ticks, warmup, rng, log, f"{name} x{n}", on_warm=mark)
+    gc.collect()
+    rss_growth = _rss() - rss["start"]
+    session_minutes = 2 * n * n_ticks * 0.2 / 60   # both engines' sessions
+    out = {"model": name, "sessions": n, "modes": res, "ratio_p50": res["batch_invariant"]["p50_ms"] /
+           res["standard"]["p50_ms"], "ratio_p99": res["batch_invariant"]["p99_ms"] / res["standard"]["p99_ms"],
+           "rss_growth_bytes_per_session_minute": rss_growth / session_minutes}
+    del engines
+    return out
+
+
+def bench_vocoder(repeats: int) -> float:
+    from tml.audio import waveform_from_dmel
+
+    frames = np.random.default_rng(0).integers(0, 16, (4, 80), dtype=np.uint8)
+    waveform_from_dmel(frames)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        waveform_from_dmel(frames)
+    return (time.perf_counter() - t0) / repeats * 1e3
+
+
+def _history(seconds: float, seed: int):
+    from tml.model.bench import random_micro_turns
+
+    return random_micro_turns(np.random.default_rng(seed), int(round(seconds * 5)), video_every=0)
+
+
+def bench_append_vs_reprefill(model, seconds_list, n_ticks: int, log, max_context: int | None = None,
+                              chunk_buckets=(16, 32, 64, 512)) -> list[dict]:
+    from tml import kernels
+
+    longest = len(_layout(_history(max(seconds_list), 0))) + 64 * (n_ticks + 2)
+    kw = dict(max_sessions=1, max_context=max_context or 64 * -(-longest // 64), chunk_buckets=chunk_buckets)
+    engines = {m: _engine(model, m, **kw) for m in MODES}
+    warm = _history(1, 99)
+    for m, e in engines.items():      # compile the history prefill and the tick programs
+        with kernels.kernel_mode(m):
+            sid = e.open(seed=0)
+            e.load_history(sid, warm)
+            e.step(sid, _inputs(np.random.default_rng(0), 1)[0])
+            e.close(sid)
+    rows = []
+    for secs in seconds_list:
+        hist = _history(secs, int(secs))
+        res = {}
+        for m in (MODES if secs % 20 else MODES[::-1]):
+            e = engines[m]
+            with kernels.kernel_mode(m):
+                sid = e.open(seed=1)
+                t0 = time.perf_counter()
+                e.load_history(sid, hist)
+                reprefill = (time.perf_counter() - t0) * 1e3
+                ticks = []
+                for inp in _inputs(np.random.default_rng(1), n_ticks):
+                    e.append(sid, inp)
+                    t0 = time.perf_counter()
+                    e.tick()
+                    ticks.append((time.perf_counter() - t0) * 1e3)
+                e.close(sid)
+            append = float(np.median(ticks))
+            res[m] = {"reprefill_ms": reprefill, "append_tick_ms": append,
+                      "speedup": (reprefill + append) / append}
+        rows.append({"seconds": secs, "history_tokens": len(_layout(hist)), "modes": res})
+        log(f"  {secs:>4} s: " + "  ".join(f"{m} re-prefill {r['reprefill_ms']:.0f} ms, append {r['append_tick_ms']:.1f}"
+                                           f" ms ({r['speedup']:.0f}x)" for m, r in res.items()))
+    return rows
+
+
+def _layout(turns):
+    from tml.stream import layout
+
+    return layout(turns)
+
+
+def bench_minutes(model, minutes: tuple[float, float], n_ticks: int, log, max_context: int | None = None,
+                  chunk_buckets=(16, 32, 64, 512)) -> dict:
+    from tml import kernels
+
+    hists = [_history(60 * mins, 7 + i) for i, mins in enumerate(minutes)]
+    longest = len(_layout(hists[-1])) + 64 * (n_ticks + 4)
+    kw = dict(max_sessions=2, max_context=max_context or 64 * -(-longest // 64), chunk_buckets=chunk_buckets)
+    engines = {m: _engine(model, m, **kw) for m in MODES}
+    sids = {}
+    for m, e in engines.items():
+        with kernels.kernel_mode(m):
+            sids[m] = [e.open(seed=i) for i in range(2)]
+            for sid, h in zip(sids[m], hists):
+                e.load_history(sid, h)
+    res = {}
+    for i, mins in enumerate(minutes):
+        one = {m: [sids[m][i]] for m in MODES}
+        res[f"minute_{mins:g}"] = _interleaved_ticks(engines, one, n_ticks, 2, np.random.default_rng(i), log,
+                                                     f"minute {mins:g} ({len(_layout(hists[i]))} tokens)")
+    a, b = (res[f"minute_{m:g}"] for m in minutes)
+    res["ratio_p50"] = {m: b[m]["p50_ms"] / a[m]["p50_ms"] for m in MODES}
+    res["ratio_p99"] = {m: b[m]["p99_ms"] / a[m]["p99_ms"] for m in MODES}
+    res["history_tokens"] = [len(_layout(h)) for h in hists]
+    res["simulated"] = "history pre-filled with Engine.load_history (random micro-turns, audio only)"
+    return res
+
+
+def kv_bytes_per_minute(cfg, tokens_per_minute: float) -> float:
+    import jax.numpy as jnp
+
+    itemsize = jnp.dtype(cfg.compute_dtype()).itemsize
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * itemsize * tokens_per_minute
+
+
+def _flag(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'tick latency':<22}{'bi p50':>9}{'bi p99':>9}{'std p50':>9}{'std p99':>9}{'ratio p50':>11}"
+             f"{'ratio p99':>11}{'steps':>7}  budget {BUDGET_MS:.0f} ms"]
+    for r in report["ticks"]:
+        bi, st = r["modes"]["batch_invariant"], r["modes"]["standard"]
+        note = ""
+        if r["model"] == "tiny" and r["sessions"] == 16:
+            note = (f"  target p99 <= {TARGETS['tick_p99_ms_16_tiny']:.0f} ms: "
+                    f"{_flag(bi['p99_ms'] <= TARGETS['tick_p99_ms_16_tiny'])}")
+        lines.append(f"{r['model'] + ' x' + str(r['sessions']):<22}{bi['p50_ms']:>9.1f}{bi['p99_ms']:>9.1f}"
+                     f"{st['p50_ms']:>9.1f}{st['p99_ms']:>9.1f}{r['ratio_p50']:>11.2f}{r['ratio_p99']:>11.2f}"
+                     f"{bi['decode_steps']:>7.0f}{note}")
+    worst = max(r["ratio_p50"] for r in report["ticks"])
+    lines.append(f"worst batch_invariant/standard p50 ratio {worst:.2f} (target <= {TARGETS['ratio']}: "
+                 f"{_flag(worst <= TARGETS['ratio'])})")
+    lines.append(f"vocoder (Griffin-Lim, host): {report['vocoder_ms_per_speaking_micro_turn']:.1f} ms per speaking "
+                 "micro-turn (not in the ticks above)")
+    lines.append("")
+    lines.append(f"{'append vs re-prefill':<22}{'tokens':>8}{'bi re-pf':>10}{'bi tick':>9}{'bi x':>7}"
+                 f"{'std re-pf':>11}{'std tick':>10}{'std x':>7}")
+    for r in report["append_vs_reprefill"]:
+        bi, st = r["modes"]["batch_invariant"], r["modes"]["standard"]
+        note = ""
+        if r["seconds"] == 60:
+            note = f"  target >= {TARGETS['append_speedup_60s']:.0f}x: {_flag(bi['speedup'] >= TARGETS['append_speedup_60s'])}"
+        lines.append(f"{str(r['seconds']) + ' s':<22}{r['history_tokens']:>8}{bi['reprefill_ms']:>10.0f}"
+                     f"{bi['append_tick_ms']:>9.1f}{bi['speedup']:>7.1f}{st['reprefill_ms']:>11.0f}"
+                     f"{st['append_tick_ms']:>10.1f}{st['speedup']:>7.1f}{note}")
+    mm = report["minutes"]
+    keys = [k for k in mm if k.startswith("minute_")]
+    lines.append("")
+    lines.append(f"{'minute 1 vs 10 (sim.)':<22}{'tokens':>8}{'bi p50':>9}{'bi p99':>9}{'std p50':>9}{'std p99':>9}")
+    for k, toks in zip(keys, mm["history_tokens"]):
+        bi, st = mm[k]["batch_invariant"], mm[k]["standard"]
+        lines.append(f"{k.replace('_', ' '):<22}{toks:>8}{bi['p50_ms']:>9.1f}{bi['p99_ms']:>9.1f}{st['p50_ms']:>9.1f}"
+                     f"{st['p99_ms']:>9.1f}")
+    r = mm["ratio_p50"]["batch_invariant"]
+    lines.append(f"{'ratio (p50)':<22}{'':>8}{r:>9.2f}{'':>9}{mm['ratio_p50']['standard']:>9.2f}"
+                 f"   target <= {TARGETS['minute10_over_minute1']}: {_flag(r <= TARGETS['minute10_over_minute1'])}")
+    lines.append("")
+    mem = report["memory"]
+    lines.append(f"memory per session-minute ({mem['model']}): KV {mem['kv_bytes_per_minute'] / 2**20:.2f} MiB "
+                 f"({mem['tokens_per_minute']:.0f} tokens/min), measured RSS growth "
+                 f"{mem['rss_growth_bytes_per_session_minute'] / 2**20:.2f} MiB (host history; the pool is preallocated)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m tml.sampler.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_results/sampler.json", help="JSON output path")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny x1 only, 2 ticks, a 2 s history, minutes 0.05 / 0.1, shared compiled shapes")
+    args = p.parse_args(argv)
+
+    from tml.bench_report import environment, write_report
+
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    q = args.quick
+    # --quick: every engine the same page-table width and chunk buckets, so the few compiled
+    # programs (per mode: prefill 16 and 64, decode) are shared by all its measurements
+    shared = {"max_context": 1024} if q else {}
+    hist_kw = {**shared, "chunk_buckets": (16, 64)} if q else {}
+    tiny = _model("tiny")
+    models = {"tiny": tiny}
+    sizes = [("tiny", 1)] if q else [("tiny", 1), ("tiny", 4), ("tiny", 16), ("tiny", 64),
+                                                  ("small", 1), ("small", 4)]
+    ticks = []
+    log("tick latency (interleaved modes):")
+    for name, n in sizes:
+        if name not in models:
+            models[name] = _model(name)
+        n_ticks = 2 if q else (30 if name == "tiny" and n <= 16 else 15)
+        ticks.append(bench_ticks(models[name], name, n, n_ticks, 1 if q else 3, log, **shared))
+    vocoder = bench_vocoder(2 if q else 20)
+    log("append vs re-prefill (tiny, 1 session):")
+    seconds = (2,) if q else (10, 30, 60)
+    reprefill = bench_append_vs_reprefill(tiny, seconds, 2 if q else 7, log, **hist_kw)
+    log("minute 1 vs minute 10 (tiny, simulated history):")
+    minutes = bench_minutes(tiny, (0.05, 0.1) if q else (1, 10), 2 if q else 25, log, **hist_kw)
+    tok_min = minutes["history_tokens"][0] / (0.05 if q else 1)
+    ref = next(t for t in ticks if t["model"] == "tiny" and t["sessions"] == (1 if q else 16))
+    memory = {"model": "tiny", "tokens_per_minute": tok_min, "kv_bytes_per_minute": kv_bytes_per_minute(tiny.cfg, tok_min),
+              "rss_growth_bytes_per_session_minute": ref["rss_growth_bytes_per_session_minute"],
+              "rss_from": f"tiny x{ref['sessions']} timed ticks"}
+    report = {"benchmark": "sampler", "quick": q, "environment": environment(), "budget_ms": BUDGET_MS,
+              "targets": TARGETS, "ticks": ticks, "vocoder_ms_per_speaking_micro_turn": vocoder,
+              "append_vs_reprefill": reprefill, "minutes": minutes, "memory": memory,
+              "notes": ["fresh weights: every micro-turn decodes to the 16-token output budget (worst case)",
+                        "vocoder off in the timed ticks (timed separately)",
+                        "minute 10 simulated by pre-filling 10 minutes of random history (Engine.load_history)"]}
+    print(format_table(report))
+    write_report(args.out, report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
