@@ -5,6 +5,8 @@ sampler engine (``tml serve``).
   :func:`~tml.serve.protocol.encode` / :func:`~tml.serve.protocol.decode`, :class:`ProtocolError`;
 * :mod:`~tml.serve.server` — :class:`Server` (aiohttp: the page, ``/ws``, ``/stats``, the
   200 ms tick loop over one engine, limits), :func:`run` (SIGTERM-aware);
+* :mod:`~tml.serve.delegation` — ``<delegate>`` requests served in the background (clock,
+  calculator, local file lookup, any callable or HTTP endpoint), results as ``<bg>`` input;
 * :mod:`~tml.serve.app` — ``tml serve``: the model (checkpoint or fresh), the engine, the server;
 * ``static/`` — the browser page (microphone via an AudioWorklet, playback, transcript, timeline).
 """

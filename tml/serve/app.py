@@ -6,7 +6,8 @@
 fix named if it was written by another model config; ``serve.checkpoint=none`` = fresh
 weights from ``serve.seed``), compiles every batch bucket (``serve.warmup``: the first
 tick of 2, 4, 8 sessions would otherwise stall the tick loop for seconds), prints the
-URL and serves until SIGTERM.
+URL and serves until SIGTERM. ``<delegate>`` requests go to ``serve.delegate_url``
+(POST) if set, else to the local tools (clock, calculator, ``serve.lookup_file``).
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def main(cfg) -> None:
     print(f"tml serve: model {cfg.model.name}, {loaded.describe()}, kernel mode {c.kernel_mode}", flush=True)
     if c.warmup:
         print(f"tml serve: compiled {warm_up(engine)} programs (batch buckets {engine.batch_buckets})", flush=True)
+    from tml.serve.delegation import Router, http_delegate
+
+    delegate = http_delegate(c.delegate_url) if c.delegate_url else Router(lookup_file=c.lookup_file or None)
     server = Server(engine, host=c.host, port=c.port, token=c.token, tick_ms=c.tick_ms, seed=c.seed,
-                    video_size=c.video_size,
+                    video_size=c.video_size, delegate=delegate, delegate_timeout_s=c.delegate_timeout_s,
                     limits=Limits(max_sessions=c.max_sessions, max_message_bytes=c.max_message_bytes,
                                   messages_per_second=c.messages_per_second, max_queued_chunks=c.max_queued_chunks))
     run(server, on_ready=lambda m: print(m, flush=True))

@@ -23,7 +23,7 @@ kind  name         payload
                    "cancel", ...}``: ``open`` takes ``seed``/``context`` (a new
                    session on this socket after ``close``), ``rollback`` takes
                    ``micro_turn`` (return to before it), ``cancel`` drops queued,
-                   not yet served input.
+                   not yet served input and running delegations.
 0x05  PING         any bytes (≤ 64); answered by PONG with the same bytes.
 ====  ===========  ==============================================================
 
@@ -39,7 +39,10 @@ kind  name          payload
 0x12  MODEL_TEXT    uint32 LE micro-turn index, then the model's UTF-8 text.
 0x13  MODEL_EVENT   UTF-8 JSON ``{"micro_turn": int, "event": str, ...}``: the
                     model's control actions (``{"event": "control", "actions":
-                    [...]}``) and replies to CONTROL frames (``opened``, ``closed``,
+                    [...]}``), delegation (``delegated`` with the ``request``,
+                    later ``background`` with its ``result``, which joins the next
+                    micro-turn's input after ``<bg>``; :mod:`tml.serve.delegation`)
+                    and replies to CONTROL frames (``opened``, ``closed``,
                     ``rolled_back``, ``cancelled``).
 0x14  TICK          UTF-8 JSON per served micro-turn: ``micro_turn``, ``tick``,
                     ``queue_ms`` (chunk arrival → tick start), ``engine_ms`` (the

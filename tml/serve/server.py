@@ -7,7 +7,10 @@ one (with the typed text, video frame and background results that arrived before
 ``append``s them, runs ``engine.tick()`` in a worker thread (the event loop keeps
 reading sockets meanwhile) and sends each session its outputs: MODEL_AUDIO (vocoded
 PCM16), MODEL_TEXT, MODEL_EVENT (control actions) and TICK (timing, tokens, raw
-log-prob bits). A tick that ends past its deadline starts the next at once and is
+log-prob bits). When an output holds ``<delegate>``, the model's text since its last
+delegation goes to an asynchronous background task (:mod:`tml.serve.delegation`) whose
+result becomes the ``background`` input of a later micro-turn; no tick waits for it. A
+tick that ends past its deadline starts the next at once and is
 counted in ``/stats`` (``deadline_misses``).
 
 **Engine access.** The engine is not thread-safe (its ``append`` mutates the session a
@@ -42,6 +45,7 @@ import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from tml.serve import protocol as P
+from tml.serve.delegation import MAX_REQUEST_CHARS, Delegate, Router, run_delegate
 from tml.serve.protocol import Kind, ProtocolError
 
 
@@ -69,6 +73,17 @@ class Conn:
     refill: float = 0.0
     micro_turn: int = 0
     handshaken: bool = False
+    model_text: str = ""                                  # since the last <delegate>: the next request
+    tasks: set = field(default_factory=set)               # running delegations
+    generation: int = 0                                   # bumped by close/rollback: late results dropped
+
+    def drop_input(self) -> None:
+        """Forget queued, not yet served input and running delegations."""
+        self.queue.clear(), self.typed.clear(), self.background.clear()
+        self.video = None
+        for t in self.tasks:
+            t.cancel()
+        self.generation += 1
 
 
 @dataclass
@@ -83,6 +98,7 @@ class Stats:
     frames_sent: int = 0
     audio_frames_sent: int = 0
     errors_sent: int = 0
+    delegations: int = 0
     deadline_misses: int = 0
     tick_ms: deque = field(default_factory=lambda: deque(maxlen=1000))      # engine tick wall time
     loop_ms: deque = field(default_factory=lambda: deque(maxlen=1000))      # whole server tick (append..sent)
@@ -118,20 +134,26 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
 
 
 class Server:
-    """``Server(engine, host=, port=, token=, limits=, tick_ms=, seed=, video_size=)``;
+    """``Server(engine, host=, port=, token=, limits=, tick_ms=, seed=, video_size=, delegate=,
+    delegate_timeout_s=)``;
     ``await start()`` → the URL, ``await stop()``; or :func:`run` (blocking, SIGTERM-aware).
 
     ``engine``: a :class:`tml.sampler.Engine` (vocoder on, for MODEL_AUDIO) that nobody
     else uses while the server runs. ``seed``: the base seed of sessions whose handshake
-    names none (session id added)."""
+    names none (session id added). ``delegate``: what serves ``<delegate>`` requests
+    (:mod:`tml.serve.delegation`; default a :class:`Router` of clock and calculator;
+    None turns delegation off)."""
 
     def __init__(self, engine, *, host: str = "127.0.0.1", port: int = 8998, token: str = "",
-                 limits: Limits = Limits(), tick_ms: float = 200.0, seed: int = 0, video_size: int = 80):
+                 limits: Limits = Limits(), tick_ms: float = 200.0, seed: int = 0, video_size: int = 80,
+                 delegate: Delegate | None | str = "default", delegate_timeout_s: float = 30.0):
         if tick_ms <= 0:
             raise ValueError(f"tick_ms={tick_ms}: the tick period must be positive (200 ms is one micro-turn)")
         self.engine, self.host, self.port, self.token = engine, host, port, token
         self.limits = Limits(**{**limits.__dict__, "max_sessions": min(limits.max_sessions, engine.max_sessions)})
         self.tick_s, self.seed, self.video_size = tick_ms / 1000.0, seed, video_size
+        self.delegate = Router() if delegate == "default" else delegate
+        self.delegate_timeout_s = delegate_timeout_s
         self.stats = Stats()
         self.conns: set[Conn] = set()
         self._lock = asyncio.Lock()
@@ -221,8 +243,8 @@ class Server:
             self.engine.close(c.sid)
             self.stats.sessions_closed += 1
         c.sid = None
-        c.queue.clear(), c.typed.clear(), c.background.clear()
-        c.video = None
+        c.model_text = ""
+        c.drop_input()
 
     def _sampling(self, hs: dict):
         if "temperature" not in hs and "top_p" not in hs:
@@ -329,12 +351,11 @@ class Server:
                 event = {"event": "closed", "session": sid}
             elif action == "cancel":
                 dropped = len(c.queue)
-                c.queue.clear(), c.typed.clear(), c.background.clear()
-                c.video = None
+                c.drop_input()
                 event = {"event": "cancelled", "dropped_chunks": dropped}
             else:  # rollback
-                c.queue.clear(), c.typed.clear()
-                c.video = None
+                c.drop_input()
+                c.model_text = ""
                 try:
                     self.engine.rollback(c.sid, msg["micro_turn"])
                 except ValueError as e:
@@ -408,6 +429,10 @@ class Server:
             if o.control:
                 await self._send(c, P.encode(Kind.MODEL_EVENT, {"micro_turn": o.micro_turn, "event": "control",
                                                                 "actions": list(o.control)}))
+            c.model_text = (c.model_text + o.text)[-MAX_REQUEST_CHARS:]
+            if "<delegate>" in o.control and self.delegate is not None:
+                request, c.model_text = c.model_text.strip(), ""
+                await self._start_delegation(c, request, o.micro_turn)
             await self._send(c, P.encode(Kind.TICK, {
                 "micro_turn": o.micro_turn, "tick": tick, "queue_ms": round(1000 * (t0 - arrived), 3),
                 "engine_ms": round(engine_ms, 3), "batch": len(served), "tokens": o.tokens.tolist(),
@@ -416,6 +441,25 @@ class Server:
             self.stats.latency_ms.append(1000 * (time.perf_counter() - arrived))
         self.stats.loop_ms.append(1000 * (time.perf_counter() - t_start))
         return len(served)
+
+
+    async def _start_delegation(self, c: Conn, request: str, micro_turn: int) -> None:
+        """Start the background task; its result joins the session's next chunk as
+        ``background`` (laid out after ``<bg>``). No tick waits for it."""
+        await self._send(c, P.encode(Kind.MODEL_EVENT, {"micro_turn": micro_turn, "event": "delegated",
+                                                        "request": request}))
+        task = asyncio.create_task(self._delegation(c, c.generation, request, micro_turn))
+        c.tasks.add(task)
+        task.add_done_callback(c.tasks.discard)
+
+    async def _delegation(self, c: Conn, generation: int, request: str, micro_turn: int) -> None:
+        result = await run_delegate(self.delegate, request, self.delegate_timeout_s)
+        if c.generation != generation or c.sid is None:
+            return  # closed, rolled back or cancelled meanwhile
+        c.background.append(result)
+        self.stats.delegations += 1
+        await self._send(c, P.encode(Kind.MODEL_EVENT, {"micro_turn": micro_turn, "event": "background",
+                                                        "request": request, "result": result}))
 
 
 def run(server: Server, *, on_ready=print) -> None:
