@@ -23,7 +23,6 @@ from hydra.core.config_store import ConfigStore
 from tml.eval.config import EvalConfig
 from tml.model.config import ModelConfig
 from tml.parallel.config import ParallelConfig
-from tml.rl.config import RLConfig
 from tml.train.config import CheckpointConfig, DistributedConfig, LoggingConfig, OptimConfig, TrainerConfig
 
 
@@ -79,28 +78,6 @@ class BenchConfig:
 
 
 @dataclass
-class DivergenceConfig:
-    """``tml divergence``: the trainer–sampler divergence inspector
-    (:mod:`tml.sampler.divergence_run`; metrics in :mod:`tml.sampler.divergence`)."""
-
-    checkpoint: str = "runs/tiny"      # what `make run` writes (run dir, checkpoints/ or a step dir); none = fresh
-    out: str = "runs/divergence"       # <out>/divergence.json, <out>/divergence_<mode>.png
-    modes: list[str] = field(default_factory=lambda: ["batch_invariant", "standard"])
-    sessions: int = 8                  # held-out scenario sessions (indices tml.eval.scenarios.HELD_OUT_INDEX_OFFSET + k)
-    batch_size: int = 8                # sessions per tick (the engine's max_sessions)
-    min_micro_turns: int = 8           # session i of n: max - (max - min) * i / (n - 1) micro-turns
-    max_micro_turns: int = 30
-    scenarios: list[str] = field(default_factory=list)  # empty = every scenario, round robin (typed/video first)
-    seed: int = 0                      # scenario generator seed; also the fresh-weights seed
-    temperature: float = 1.0           # sampling (tml.sampler.SamplingParams)
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    max_output_tokens: int = 16        # per-micro-turn output budget, <end> included
-    plots: bool = True
-
-
-@dataclass
 class ServeConfig:
     """``tml serve``: websocket streaming sessions over one sampler engine
     (:mod:`tml.serve.server`; the wire protocol in :mod:`tml.serve.protocol`)."""
@@ -128,28 +105,6 @@ class ServeConfig:
 
 
 @dataclass
-class SampleConfig:
-    """``tml sample``: stream a user's audio file through one sampler session in 200 ms
-    micro-turns (:mod:`tml.sampler.sample_cli`)."""
-
-    audio: Optional[str] = None        # the user's audio: any format and rate soundfile reads (required)
-    out: str = "runs/sample"           # conversation.wav, transcript.json/.txt, timeline.png, sample.json
-    checkpoint: str = "runs/tiny"      # what `make run` writes (run dir, checkpoints/ or a step dir); none = fresh
-    seed: int = 0                      # the session's sampling seed; also the fresh-weights seed
-    context: str = ""                  # typed/system text before micro-turn 0
-    tail_seconds: float = 2.0          # silence streamed after the audio, so the model can answer
-    temperature: float = 0.8           # sampling (tml.sampler.SamplingParams)
-    top_k: int = 0
-    top_p: float = 0.95
-    min_p: float = 0.0
-    max_output_tokens: int = 16        # per-micro-turn output budget, <end> included
-    kernel_mode: str = "batch_invariant"
-    model_channel: int = 0             # the model's channel of conversation.wav: 0 = left (moshi-finetune)
-    plot: bool = True
-    progress: bool = True
-
-
-@dataclass
 class TmlConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -162,10 +117,7 @@ class TmlConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def register_configs() -> None:
@@ -177,5 +129,4 @@ def register_configs() -> None:
     cs.store(group="train", name="train_schema", node=TrainerConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
-    cs.store(group="rl", name="rl_schema", node=RLConfig)
     cs.store(group="serve", name="serve_schema", node=ServeConfig)
