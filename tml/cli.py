@@ -108,6 +108,13 @@ def serve(cfg: DictConfig) -> None:
     main(_to_dataclass(cfg))
 
 
+def sample(cfg: DictConfig) -> None:
+    """Stream your own audio file through a model: stereo wav, transcript and timeline plot."""
+    from tml.sampler.sample_cli import run
+
+    run(_to_dataclass(cfg))
+
+
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "train": train,
     "data build": data_build,
@@ -117,6 +124,7 @@ COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "eval": eval_,
     "serve": serve,
     "divergence": divergence,
+    "sample": sample,
 }
 
 

@@ -105,6 +105,28 @@ class ServeConfig:
 
 
 @dataclass
+class SampleConfig:
+    """``tml sample``: stream a user's audio file through one sampler session in 200 ms
+    micro-turns (:mod:`tml.sampler.sample_cli`)."""
+
+    audio: Optional[str] = None        # the user's audio: any format and rate soundfile reads (required)
+    out: str = "runs/sample"           # conversation.wav, transcript.json/.txt, timeline.png, sample.json
+    checkpoint: str = "runs/tiny"      # what `make run` writes (run dir, checkpoints/ or a step dir); none = fresh
+    seed: int = 0                      # the session's sampling seed; also the fresh-weights seed
+    context: str = ""                  # typed/system text before micro-turn 0
+    tail_seconds: float = 2.0          # silence streamed after the audio, so the model can answer
+    temperature: float = 0.8           # sampling (tml.sampler.SamplingParams)
+    top_k: int = 0
+    top_p: float = 0.95
+    min_p: float = 0.0
+    max_output_tokens: int = 16        # per-micro-turn output budget, <end> included
+    kernel_mode: str = "batch_invariant"
+    model_channel: int = 0             # the model's channel of conversation.wav: 0 = left (moshi-finetune)
+    plot: bool = True
+    progress: bool = True
+
+
+@dataclass
 class TmlConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -118,6 +140,7 @@ class TmlConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def register_configs() -> None:
