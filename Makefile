@@ -17,11 +17,12 @@ run: $(STAMP)          ## main job: pretrain `tiny` on the embedded corpus (buil
 test: $(STAMP)         ## the test suite
 	$(VENV)/bin/pytest -q -n 2
 
-bench: $(STAMP)        ## data, kernel, model and training benchmarks (tables + JSON in bench_results/)
+bench: $(STAMP)        ## data, kernel, model, training and sampler benchmarks (tables + JSON in bench_results/)
 	$(VENV)/bin/tml data bench
 	$(PY) -m tml.kernels.bench
 	$(PY) -m tml.model.bench
 	$(PY) -m tml.train.bench
+	$(PY) -m tml.sampler.bench
 
 setup: $(STAMP)
 
