@@ -78,6 +78,28 @@ class BenchConfig:
 
 
 @dataclass
+class DivergenceConfig:
+    """``tml divergence``: the trainer–sampler divergence inspector
+    (:mod:`tml.sampler.divergence_run`; metrics in :mod:`tml.sampler.divergence`)."""
+
+    checkpoint: str = "runs/tiny"      # what `make run` writes (run dir, checkpoints/ or a step dir); none = fresh
+    out: str = "runs/divergence"       # <out>/divergence.json, <out>/divergence_<mode>.png
+    modes: list[str] = field(default_factory=lambda: ["batch_invariant", "standard"])
+    sessions: int = 8                  # held-out scenario sessions (indices tml.eval.scenarios.HELD_OUT_INDEX_OFFSET + k)
+    batch_size: int = 8                # sessions per tick (the engine's max_sessions)
+    min_micro_turns: int = 8           # session i of n: max - (max - min) * i / (n - 1) micro-turns
+    max_micro_turns: int = 30
+    scenarios: list[str] = field(default_factory=list)  # empty = every scenario, round robin (typed/video first)
+    seed: int = 0                      # scenario generator seed; also the fresh-weights seed
+    temperature: float = 1.0           # sampling (tml.sampler.SamplingParams)
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    max_output_tokens: int = 16        # per-micro-turn output budget, <end> included
+    plots: bool = True
+
+
+@dataclass
 class ServeConfig:
     """``tml serve``: websocket streaming sessions over one sampler engine
     (:mod:`tml.serve.server`; the wire protocol in :mod:`tml.serve.protocol`)."""
@@ -139,6 +161,7 @@ class TmlConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
