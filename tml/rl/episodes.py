@@ -26,7 +26,6 @@ import zlib
 from dataclasses import dataclass
 
 from tml.eval.scenarios import HELD_OUT_INDEX_OFFSET, Reference
-from tml.sampler.divergence_run import ScriptedSession
 from tml.sampler.session import TurnInputs
 
 RL_INDEX_OFFSET = 3_000_000_000
@@ -34,13 +33,23 @@ MAX_SKIPS = 20  # conversations tried per group before the step fails (a recipe 
 
 
 @dataclass
+class EpisodeInputs:
+    """One episode to play: its name, sampling seed and micro-turn inputs (shared by the
+    episodes of a group)."""
+
+    name: str
+    seed: int
+    inputs: list[TurnInputs]
+
+
+@dataclass
 class Group:
-    """One scenario's G episodes: the shared reference and one session per episode."""
+    """One scenario's G episodes: the shared reference and the episodes."""
 
     scenario: str
     index: int
     ref: Reference
-    sessions: list[ScriptedSession]
+    episodes: list[EpisodeInputs]
 
 
 def cut_reference(ref: Reference, n: int) -> Reference | None:
@@ -70,9 +79,9 @@ def make_group(scenario: str, seed: int, counter: int, group_size: int, max_micr
         return None, f"{p.sample_id}: no task ends within {max_micro_turns} micro-turns", counter + 1
     inputs = [TurnInputs(audio=x.audio, video=x.video, typed=x.typed, background=x.background)
               for x in p.sample.inputs()][:ref.n_micro_turns]
-    sessions = [ScriptedSession(f"{p.sample_id}/g{g}", scenario, p.index, episode_seed(seed, p.sample_id, g), inputs)
+    episodes = [EpisodeInputs(f"{p.sample_id}/g{g}", episode_seed(seed, p.sample_id, g), inputs)
                 for g in range(group_size)]
-    return Group(scenario, p.index, ref, sessions), None, counter + 1
+    return Group(scenario, p.index, ref, episodes), None, counter + 1
 
 
 def step_groups(scenarios: list[str], seed: int, counters: dict[str, int], group_size: int,
@@ -98,4 +107,4 @@ def step_groups(scenarios: list[str], seed: int, counters: dict[str, int], group
     return groups, skipped, counters
 
 
-__all__ = ["Group", "RL_INDEX_OFFSET", "cut_reference", "episode_seed", "make_group", "step_groups"]
+__all__ = ["EpisodeInputs", "Group", "RL_INDEX_OFFSET", "cut_reference", "episode_seed", "make_group", "step_groups"]

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -117,6 +118,11 @@ def run(cfg) -> list[dict]:
     ckpt = Checkpointer(run_dir / "checkpoints", model_config=cfg.model, async_save=False, keep_last=2)
     if ckpt.latest_step() is not None:
         state, data = state.restore(ckpt)
+        # restored leaves may come back as host numpy arrays: as jax arrays they hit the
+        # update program compiled for the uninterrupted run instead of tracing a new one
+        state = TrainState.create(*(jax.tree_util.tree_map(jnp.asarray, t) for t in (state.params, state.rest,
+                                                                                    state.opt_state)),
+                                  state.rng, state.step)
         counters = dict((data or {}).get("counters", {}))
         print(f"tml rl: resuming {run_dir} at step {state.step}")
     holder = {"state": state, "counters": counters}

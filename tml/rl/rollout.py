@@ -4,8 +4,8 @@ sessions served by one ``tick()`` per micro-turn), and the eval scorers score th
 The engine is built once per run (:func:`make_engine`, one batch bucket of ``S * G``
 sessions, so every tick reuses one compiled program per chunk length) and gets the
 learner's weights with :meth:`tml.sampler.Engine.set_params` after every update.
-Serving is :func:`tml.sampler.divergence_run.serve` (one micro-turn per session per tick,
-sessions leave when their episode ends); an engine output becomes the eval's
+:func:`serve` feeds each session one micro-turn per tick (sessions leave when their
+episode ends); an engine output becomes the eval's
 :class:`~tml.eval.scenarios.MicroTurnOutput` exactly as :class:`tml.eval.policies.ModelPolicy`
 makes it (text bytes, speaking = speech frames, control tokens).
 """
@@ -16,10 +16,11 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from tml.eval.scenarios import MicroTurnOutput, SampleError, score
-from tml.rl.episodes import Group
+from tml.rl.episodes import EpisodeInputs, Group
 from tml.rl.rewards import episode_reward
-from tml.sampler.divergence_run import max_context_for, serve
 from tml.sampler.engine import Engine
 from tml.sampler.sampling import SamplingParams
 from tml.sampler.session import TurnOutput
@@ -53,36 +54,74 @@ def eval_outputs(outputs: list[TurnOutput]) -> list[MicroTurnOutput]:
     return [MicroTurnOutput(o.text_bytes, len(o.speech) > 0, tuple(o.control)) for o in outputs]
 
 
+def kv_needed(e: EpisodeInputs, max_output_tokens: int) -> int:
+    """KV slots an episode can need: its inputs laid out by the one layout function plus
+    the whole output budget in every micro-turn."""
+    from tml.audio import HOP_LENGTH
+    from tml.sampler.session import check_inputs
+    from tml.stream import MicroTurn, layout
+
+    tail, n = np.zeros(HOP_LENGTH, np.float32), 0
+    for t, x in enumerate(e.inputs):
+        bins, p, tail = check_inputs(x, tail)
+        turn = MicroTurn(user_audio=bins, video=p, typed=x.typed, background=x.background)
+        n += len(layout([turn], outputs=False, first_micro_turn=t, first_position=n)) + max_output_tokens
+    return n
+
+
+def serve(engine: Engine, episodes: list[EpisodeInputs]) -> tuple[dict[str, list[TurnOutput]], dict[str, list]]:
+    """Every episode one micro-turn per tick, all live together (``engine.max_sessions``
+    at most; the next joins when one ends) → per name: outputs, committed turns."""
+    waiting, live = list(episodes), {}
+    outputs, turns = {}, {}
+    while waiting or live:
+        while waiting and len(live) < engine.max_sessions:
+            e = waiting.pop(0)
+            live[engine.open(seed=e.seed)] = (e, 0)
+        for sid, (e, t) in live.items():
+            engine.append(sid, e.inputs[t])
+        engine.tick()
+        for sid in list(live):
+            e, t = live[sid]
+            if t + 1 == len(e.inputs):
+                outputs[e.name], turns[e.name] = engine.outputs(sid), engine.turns(sid)
+                engine.close(sid)
+                del live[sid]
+            else:
+                live[sid] = (e, t + 1)
+    return outputs, turns
+
+
 def play(engine: Engine, groups: list[Group], weights: dict[str, float]) -> tuple[list[Episode], list[str]]:
     """Serve every episode of ``groups`` in ``engine`` and score it → (episodes in group
-    order, dropped episodes with the reason). An episode that cannot fit the engine's
-    context or cannot be scored is dropped (logged), the others go on."""
+    order, dropped episodes with the reason). A group that cannot fit the engine's
+    context, or an episode that cannot be scored, is dropped (logged); the others go on."""
     sessions, owner, dropped = [], {}, []
     cap = engine.pool.max_pages * engine.pool.page_size
     for gi, g in enumerate(groups):
-        need = max_context_for(g.sessions[:1], engine.max_output_tokens)
+        need = kv_needed(g.episodes[0], engine.max_output_tokens)
         if need > cap:
-            msg = f"{g.sessions[0].name.rsplit('/', 1)[0]}: needs {need} KV slots, rl.max_context is {cap}"
+            msg = f"{g.ref.sample_id}: may need {need} KV slots, rl.max_context gives {cap}: raise it"
             log.warning("dropping group %s", msg)
             dropped.append(msg)
             continue
-        for s in g.sessions:
-            sessions.append(s)
-            owner[s.name] = gi
-    outputs, turns, _ = serve(engine, sessions)
+        for e in g.episodes:
+            sessions.append(e)
+            owner[e.name] = gi
+    outputs, turns = serve(engine, sessions)
     episodes = []
-    for s in sessions:
-        gi = owner[s.name]
-        ep = Episode(gi, s.name, outputs[s.name], turns[s.name])
+    for e in sessions:
+        gi = owner[e.name]
+        ep = Episode(gi, e.name, outputs[e.name], turns[e.name])
         try:
             ep.rows = score(groups[gi].ref, eval_outputs(ep.outputs))
-        except SampleError as e:
-            log.warning("dropping episode %s: %s", s.name, e)
-            dropped.append(f"{s.name}: {e}")
+        except SampleError as err:
+            log.warning("dropping episode %s: %s", e.name, err)
+            dropped.append(f"{e.name}: {err}")
             continue
         ep.reward, ep.values = episode_reward(ep.rows, weights)
         episodes.append(ep)
     return episodes, dropped
 
 
-__all__ = ["Episode", "eval_outputs", "make_engine", "play"]
+__all__ = ["Episode", "eval_outputs", "kv_needed", "make_engine", "play", "serve"]
