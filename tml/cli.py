@@ -115,6 +115,16 @@ def sample(cfg: DictConfig) -> None:
     run(_to_dataclass(cfg))
 
 
+def rl(cfg: DictConfig) -> None:
+    """On-policy RL (GRPO/PPO) in the aligned engine, eval-scorer rewards, drift metrics every step."""
+    from tml.rl.loop import run
+
+    try:
+        run(_to_dataclass(cfg))
+    except (FileNotFoundError, ValueError) as e:  # each names what to pass instead
+        raise SystemExit(f"tml rl: {e}") from None
+
+
 COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "train": train,
     "data build": data_build,
@@ -125,6 +135,7 @@ COMMANDS: dict[str, Callable[[DictConfig], None]] = {
     "serve": serve,
     "divergence": divergence,
     "sample": sample,
+    "rl": rl,
 }
 
 

@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from tml.eval.config import EvalConfig
 from tml.model.config import ModelConfig
 from tml.parallel.config import ParallelConfig
+from tml.rl.config import RLConfig
 from tml.train.config import CheckpointConfig, DistributedConfig, LoggingConfig, OptimConfig, TrainerConfig
 
 
@@ -162,6 +163,7 @@ class TmlConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
 
@@ -175,4 +177,5 @@ def register_configs() -> None:
     cs.store(group="train", name="train_schema", node=TrainerConfig)
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
+    cs.store(group="rl", name="rl_schema", node=RLConfig)
     cs.store(group="serve", name="serve_schema", node=ServeConfig)
