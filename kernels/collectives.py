@@ -17,8 +17,20 @@ its ``C / tp`` chunks, and the C partials are summed in one **fixed pairwise tre
 Shapes (inside ``shard_map`` over mesh axis ``axis_name`` of size tp)::
 
     all_reduce_chunks(partials [c_local, ...], axis_name) -> [...]   (c_local = C / tp)
-    row_parallel_linear(x [..., K/tp], w [K/tp, N], axis_name)  -> [..., N] (replicated)
+    row_parallel_linear(x [..., K/tp], w [K/tp, N], axis_name=)  -> [..., N] (replicated)
     chunked_linear(x [..., K], w [K, N])   the same result on one device (no collectives)
+
+**From a model** (outside ``shard_map``): ``row_parallel_linear(x [..., K], w [K, N],
+axis="mlp")`` names the *logical* axis of the contraction. Unbound, it is
+:func:`chunked_linear` (the C canonical chunks in the same tree, on one device). Inside
+:func:`row_parallel_axes` (entered by :func:`tml.parallel.tensor_parallel`, which reads
+the mesh axis from the sharding rules) a logical name mapped to a mesh axis of size > 1
+runs the ``shard_map`` itself (manual over that axis only, the other mesh axes left to
+the compiler): ``x`` split along K, ``w`` along its rows, the partials reduced by the
+bound algorithm. The model never names a mesh axis, and the same chunk order holds at
+every TP degree including 1, so a sampler on TP = 2 or 4 gives the bits of the trainer
+on one device (``tests/sampler/test_tp_alignment.py``). The binding is a
+``jax.make_user_context`` value like the kernel mode: part of every jit cache key.
 
 The chunk products use the batch-invariant matmul (:mod:`tml.kernels.tiled_matmul`), so the
 result is also invariant to the number of rows. ``mode="standard"`` is the plain
@@ -27,9 +39,15 @@ result is also invariant to the number of rows. ``mode="standard"`` is the plain
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from .mode import resolve_mode
 from .tiled_matmul import matmul
@@ -104,20 +122,89 @@ def _chunk_partials(x: jax.Array, w: jax.Array, n_chunks: int) -> jax.Array:
     return jnp.stack(parts, axis=0)
 
 
+class RowParallelAxes(NamedTuple):
+    """A binding of :func:`row_parallel_axes`: ``axes`` = ((logical name, mesh axis), ...)
+    for the contraction axes split over ``mesh``; ``algorithm`` one of :data:`ALGORITHMS`."""
+
+    mesh: Any
+    axes: tuple[tuple[str, str], ...]
+    algorithm: str
+
+
+_bound = jax.make_user_context(None)  # RowParallelAxes | None, in every jit cache key
+
+
+@contextlib.contextmanager
+def row_parallel_axes(mesh, axes: Mapping[str, str | None], *, algorithm: str = "one_shot") -> Iterator[None]:
+    """Bind logical contraction axes to mesh axes for :func:`row_parallel_linear` (read
+    at trace time; part of the jit cache key). axes: ``{"q_heads": "tensor", ...}``; a
+    name mapped to ``None`` or to an axis of size 1 stays on one device."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
+    sizes = dict(mesh.shape)
+    kept = []
+    for name, ax in sorted(axes.items()):
+        if ax is None:
+            continue
+        if ax not in sizes:
+            raise ValueError(f"row-parallel axis {name!r} -> {ax!r} is not an axis of the mesh {sizes}")
+        if sizes[ax] > 1:
+            kept.append((name, ax))
+    with _bound(RowParallelAxes(mesh, tuple(kept), algorithm) if kept else None):
+        yield
+
+
+def bound_row_parallel(axis: str) -> tuple[Any, str, str] | None:
+    """(mesh, mesh axis, algorithm) that logical ``axis`` is bound to, or None."""
+    b = _bound.value
+    if b is None:
+        return None
+    for name, ax in b.axes:
+        if name == axis:
+            return b.mesh, ax, b.algorithm
+    return None
+
+
+def _shard_mapped(x, w, mesh, mesh_axis, num_chunks, algorithm, mode):
+    """x [..., K] @ w [K, N] as a shard_map manual over ``mesh_axis`` only."""
+    tp = dict(mesh.shape)[mesh_axis]
+    if x.shape[-1] % tp:
+        raise ValueError(f"contraction {x.shape[-1]} is not divisible by the {mesh_axis!r} axis of size {tp}: "
+                         f"pick a tensor-parallel degree dividing it, or map its logical axis to null")
+    body = functools.partial(row_parallel_linear, axis_name=mesh_axis, num_chunks=num_chunks,
+                             algorithm=algorithm, mode=mode)
+    spec_x = PartitionSpec(*([None] * (x.ndim - 1)), mesh_axis)
+    return jax.shard_map(body, mesh=mesh, in_specs=(spec_x, PartitionSpec(mesh_axis, None)),
+                         out_specs=PartitionSpec(), axis_names=frozenset({mesh_axis}), check_vma=False)(x, w)
+
+
 def row_parallel_linear(
     x: jax.Array,
     w: jax.Array,
     *,
-    axis_name: str,
+    axis: str | None = None,
+    axis_name: str | None = None,
     num_chunks: int = MAX_TP,
-    algorithm: str = "one_shot",
+    algorithm: str | None = None,
     mode: str | None = None,
 ) -> jax.Array:
-    """Row-parallel linear inside ``shard_map``: x [..., K/tp] (K-sharded), w [K/tp, N].
+    """The canonical-chunk row-parallel linear ``x @ w`` (see the module docstring).
 
-    Returns the full [..., N] on every rank, bitwise identical for every tp dividing
+    ``axis_name`` (inside ``shard_map``): x [..., K/tp] (K-sharded), w [K/tp, N]; returns
+    the full [..., N] on every rank, bitwise identical for every tp dividing
     ``num_chunks`` (batch_invariant) — or ``psum(x @ w)`` (standard).
+
+    ``axis`` (a model's call, outside ``shard_map``): x [..., K], w [K, N], the logical
+    name of K; sharded over the mesh axis :func:`row_parallel_axes` binds it to, else
+    :func:`chunked_linear`. algorithm: ``None`` = the bound one (default one-shot).
     """
+    if axis_name is None:
+        bound = bound_row_parallel(axis) if axis is not None else None
+        if bound is None:
+            return chunked_linear(x, w, num_chunks=num_chunks, mode=mode)
+        mesh, mesh_axis, bound_algorithm = bound
+        return _shard_mapped(x, w, mesh, mesh_axis, num_chunks, algorithm or bound_algorithm, resolve_mode(mode))
+    algorithm = algorithm or "one_shot"
     out_dtype = jnp.result_type(x.dtype, w.dtype)
     if resolve_mode(mode) == "standard":
         return lax.psum(jnp.dot(x, w, preferred_element_type=jnp.float32), axis_name).astype(out_dtype)

@@ -21,14 +21,25 @@ def normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """``x [..., d_in] @ w [d_in, d_out]`` through the kernel API (no bias)."""
+    """``x [..., d_in] @ w [d_in, d_out]`` through the kernel API (no bias).
+
+    ``row_parallel=True`` (attention ``wo``, the MLP ``down``): the contraction ``d_in``,
+    logical axis ``axes[0]``, is the one tensor parallelism splits, so it goes through
+    :func:`tml.kernels.row_parallel_linear` — canonical chunks summed in one fixed tree at
+    every TP degree, 1 included; ``tml.parallel.tensor_parallel`` decides which mesh axis
+    (if any) splits it.
+    """
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, rngs: nnx.Rngs,
-                 init_std: float = 0.02, param_dtype=jnp.float32):
+                 init_std: float = 0.02, param_dtype=jnp.float32, row_parallel: bool = False):
         self.w = nnx.Param(normal(rngs, (d_in, d_out), init_std, param_dtype), logical_axes=axes)
+        self.row_parallel_axis = axes[0] if row_parallel else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return kernels.linear(x, self.w[...].astype(x.dtype))
+        w = self.w[...].astype(x.dtype)
+        if self.row_parallel_axis is not None:
+            return kernels.row_parallel_linear(x, w, axis=self.row_parallel_axis)
+        return kernels.linear(x, w)
 
 
 class RMSNorm(nnx.Module):
@@ -99,7 +110,7 @@ class Attention(nnx.Module):
         self.wq = Linear(d, h * hd, ("embed", "q_heads"), **kw)
         self.wk = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
         self.wv = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
-        self.wo = Linear(h * hd, d, ("q_heads", "embed"), **kw)
+        self.wo = Linear(h * hd, d, ("q_heads", "embed"), row_parallel=True, **kw)
         self.q_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(hd, eps=cfg.norm_eps, param_dtype=param_dtype)
 
@@ -127,7 +138,7 @@ class SwiGLU(nnx.Module):
         kw = dict(rngs=rngs, init_std=init_std, param_dtype=param_dtype)
         self.gate = Linear(d, d_ff, ("embed", "mlp"), **kw)
         self.up = Linear(d, d_ff, ("embed", "mlp"), **kw)
-        self.down = Linear(d_ff, d, ("mlp", "embed"), **kw)
+        self.down = Linear(d_ff, d, ("mlp", "embed"), row_parallel=True, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

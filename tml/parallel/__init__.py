@@ -5,6 +5,8 @@ sharding rules.
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     model = shard_model(model, DEFAULT_RULES, mesh)
     out = nnx.jit(lambda m, b: m(b))(model, shard_batch(batch, mesh))
+    with tensor_parallel(mesh, DEFAULT_RULES):      # row-parallel layers: TP-invariant bits
+        out = nnx.jit(lambda m, b: m(b))(model, shard_batch(batch, mesh))
 
 ``tml.parallel.config`` and ``tml.parallel.mesh`` are light (no JAX import at module
 level) so configs load without starting JAX; the sharding functions are imported on
@@ -21,7 +23,9 @@ _LAZY = {
         "normalize_rules", "param_specs", "shard_batch", "shard_model", "state_shardings",
         "state_specs", "use_rules", "variable_spec",
     )
-}
+} | {name: "tml.parallel.tensor" for name in (
+    "NOT_TP_INVARIANT", "ROW_PARALLEL_AXES", "TensorParallel", "invariant_rules", "row_parallel_mesh_axes",
+    "tensor_parallel")}
 
 
 def __getattr__(name):
@@ -37,5 +41,7 @@ __all__ = [  # noqa: RUF022
     "batch_sharding", "batch_spec", "bytes_per_device", "create_sharded", "logical_constraint",
     "logical_to_spec", "normalize_rules", "param_specs", "shard_batch", "shard_model",
     "state_shardings", "state_specs", "use_rules", "variable_spec",
+    "NOT_TP_INVARIANT", "ROW_PARALLEL_AXES", "TensorParallel", "invariant_rules", "row_parallel_mesh_axes",
+    "tensor_parallel",
 ]
 assert set(__all__) >= set(_LAZY)

@@ -33,6 +33,7 @@ batch point at the reserved page and write nowhere.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -112,6 +113,15 @@ def _program(graphdef):
     return fn
 
 
+def _tensor_parallel(mesh):
+    """None, a Mesh or a TensorParallel → TensorParallel | None."""
+    if mesh is None:
+        return None
+    from tml.parallel import TensorParallel
+
+    return mesh if isinstance(mesh, TensorParallel) else TensorParallel(mesh)
+
+
 class Engine:
     """Streaming sessions served in ticks; see the module docstring.
 
@@ -132,6 +142,10 @@ class Engine:
         batch_buckets, chunk_buckets, patch_buckets: the compiled shapes.
         max_prefill_chunk: longest prefill call (default the largest chunk bucket).
         vocoder: vocode speech frames with Griffin–Lim (:func:`tml.audio.waveform_from_dmel`).
+        mesh: serve tensor-parallel on this mesh (a ``jax.sharding.Mesh`` with a
+            ``tensor`` axis, or a :class:`tml.parallel.TensorParallel` for other rules /
+            the two-shot reduction): weights sharded by :func:`tml.parallel.invariant_rules`,
+            log-probs bitwise those of one device (tests/sampler/test_tp_alignment.py).
     """
 
     def __init__(self, model: InteractionModel | ModelConfig, params: nnx.State | None = None, *,
@@ -140,14 +154,15 @@ class Engine:
                  max_output_tokens: int = 16, max_text_bytes: int | None = None, batch_buckets: tuple[int, ...] | None = None,
                  chunk_buckets: tuple[int, ...] = (16, 32, 64), patch_buckets: tuple[int, ...] = (1, 4, 16),
                  max_prefill_chunk: int | None = None, vocoder: bool = True,
-                 tokenizer: Tokenizer = ByteTokenizer()):
+                 tokenizer: Tokenizer = ByteTokenizer(), mesh=None):
         if isinstance(model, ModelConfig):
             if params is None:
                 raise ValueError("Engine(ModelConfig) needs params= (nnx.split(model)[1] of a trained model)")
             model = nnx.eval_shape(lambda: InteractionModel(model, rngs=nnx.Rngs(0)))
         self.graphdef, state = nnx.split(model)
         self.cfg: ModelConfig = model.cfg
-        self.state = state
+        self._tp = _tensor_parallel(mesh)
+        self.state = state if self._tp is None or params is not None else self._tp.place(state)
         if params is not None:
             self.set_params(params)
         self.tokenizer, self.sampling = tokenizer, sampling.validate()
@@ -163,6 +178,8 @@ class Engine:
         n_pages = n_pages or max_sessions * pages_per_session + 1
         self.pool = PagePool(n_pages, page_size, pages_per_session)
         self.k, self.v = PagedKVCache.empty_pool(self.cfg, n_pages, page_size, self.cfg.compute_dtype())
+        if self._tp is not None:
+            self.k, self.v = self._tp.replicate((self.k, self.v))
         self._advance = _program(self.graphdef)
         self._sessions: dict[int, Session] = {}
         self._next_id = 0
@@ -180,7 +197,7 @@ class Engine:
         for a, b in zip(jax.tree_util.tree_leaves(self.state), jax.tree_util.tree_leaves(params)):
             if a.shape != b.shape or a.dtype != b.dtype:
                 raise ValueError(f"set_params: a weight of shape {b.shape} {b.dtype} replaces {a.shape} {a.dtype}")
-        self.state = params
+        self.state = params if self._tp is None else self._tp.place(params)
 
     def weights_digest(self) -> str:
         """sha256 of the current weights (cached per ``set_params``): what a snapshot
@@ -321,9 +338,10 @@ class Engine:
         return out
 
     def _call(self, table, lengths, chunk, n_new, n, video=True):
-        lt, ls, self.k, self.v = self._advance(self.state, self.k, self.v, jnp.asarray(table), jnp.asarray(lengths),
-                                               {k: jnp.asarray(a) for k, a in chunk.items()}, jnp.asarray(n_new),
-                                               video=video)
+        with contextlib.nullcontext() if self._tp is None else self._tp.binding():
+            lt, ls, self.k, self.v = self._advance(self.state, self.k, self.v, jnp.asarray(table), jnp.asarray(lengths),
+                                                   {k: jnp.asarray(a) for k, a in chunk.items()}, jnp.asarray(n_new),
+                                                   video=video)
         return np.asarray(lt)[:n], np.asarray(ls)[:n]
 
     @staticmethod
