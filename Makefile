@@ -11,8 +11,9 @@ TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
 
 .PHONY: run test setup bench clean-venv
 
-run: $(STAMP)          ## main job: pretrain `tiny` on the embedded corpus (built first when missing)
+run: $(STAMP)          ## main job: pretrain `tiny` on the embedded corpus (built first when missing), then its alignment summary
 	$(VENV)/bin/tml train
+	$(VENV)/bin/tml divergence divergence.checkpoint=runs/tiny divergence.out=runs/tiny/divergence divergence.sessions=8
 
 test: $(STAMP)         ## the test suite
 	$(VENV)/bin/pytest -q -n 2

@@ -59,7 +59,7 @@ def plot(results: dict, out_dir: str | Path, title: str = "") -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for mode, r in results.items():
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2.2, 1.6, 1.0]})
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2.2, 1.6, 1.3]})
         ax = axes[0]
         for i, (p, d) in enumerate(zip(r.positions, r.abs_diff)):
             ax.scatter(p, np.maximum(d, FLOOR), s=5, alpha=0.6, label=r.sessions[i]["name"] if i < 8 else None)
@@ -89,7 +89,7 @@ def plot(results: dict, out_dir: str | Path, title: str = "") -> list[Path]:
         ax.set_axis_off()
         rows = [[k.removeprefix("mismatch/"), _fmt(r.metrics[k])] for k in METRICS]
         tab = ax.table(cellText=rows, colLabels=["mismatch/", mode], loc="center", cellLoc="left",
-                       colWidths=[0.62, 0.38])
+                       colWidths=[0.78, 0.42])
         tab.auto_set_font_size(False)
         tab.set_fontsize(8)
         tab.scale(1, 1.3)
