@@ -93,6 +93,19 @@ def _pinned_init(run_dir: Path, init: str) -> str:
     return resolved
 
 
+def _canonical(state):
+    """Every leaf as a jax array of its canonical dtype committed to the first device, as
+    the update's outputs are. Seen here: a fresh model's state holds a numpy int64 leaf
+    (int32 after a restore) and Orbax restores committed arrays where a fresh init has
+    uncommitted ones; a resumed run then traced and compiled the update again (minutes on
+    this CPU). Values are unchanged."""
+    from tml.train.state import TrainState
+
+    dev = jax.devices()[0]
+    fix = lambda t: jax.tree_util.tree_map(lambda x: jax.device_put(jnp.asarray(np.asarray(x)), dev), t)  # noqa: E731
+    return TrainState.create(fix(state.params), fix(state.rest), fix(state.opt_state), state.rng, state.step)
+
+
 def run(cfg) -> list[dict]:
     """``tml rl`` on a composed :class:`tml.config.TmlConfig` (``cfg.rl``, ``cfg.model``) →
     the records logged this run."""
@@ -118,13 +131,9 @@ def run(cfg) -> list[dict]:
     ckpt = Checkpointer(run_dir / "checkpoints", model_config=cfg.model, async_save=False, keep_last=2)
     if ckpt.latest_step() is not None:
         state, data = state.restore(ckpt)
-        # restored leaves may come back as host numpy arrays: as jax arrays they hit the
-        # update program compiled for the uninterrupted run instead of tracing a new one
-        state = TrainState.create(*(jax.tree_util.tree_map(jnp.asarray, t) for t in (state.params, state.rest,
-                                                                                    state.opt_state)),
-                                  state.rng, state.step)
         counters = dict((data or {}).get("counters", {}))
         print(f"tml rl: resuming {run_dir} at step {state.step}")
+    state = _canonical(state)
     holder = {"state": state, "counters": counters}
 
     def save():
