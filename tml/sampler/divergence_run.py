@@ -200,8 +200,8 @@ def run_mode(model, sessions: list[ScriptedSession], mode: str, *, batch_size: i
 
     The engine gets one shape per axis (``batch_size`` rows, prefill chunks of
     ``prefill_chunk`` tokens, the sessions' largest patch count), so a mode compiles one
-    prefill and one decode program. Compiling, not serving, is most of a run this small:
-    measured on the 2-core CPU (4 short sessions of the tiny test model), the engine's
+    prefill and one decode program. Measured on the 2-core CPU (4 short sessions of the
+    tiny test model, a loaded machine), the engine's
     default buckets compiled 3 programs per mode and the run (serve + score) took 6.7 s
     (``standard``) / 16.3 s (``batch_invariant``) of CPU; one shape per axis, 2 programs
     and 5.2 s / 11.9 s."""
