@@ -5,9 +5,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tml.sampler.bench import TARGETS, format_table
 
 
+@pytest.mark.slow  # ~45 s of CPU: a subprocess compiling 6 programs (3 shapes x 2 modes) of the tiny recipe
 def test_quick_bench_writes_every_section(tmp_path):
     out = tmp_path / "sampler.json"
     r = subprocess.run([sys.executable, "-m", "tml.sampler.bench", "--quick", "--out", str(out)],
@@ -22,6 +25,7 @@ def test_quick_bench_writes_every_section(tmp_path):
         assert t["ratio_p50"] == t["modes"]["batch_invariant"]["p50_ms"] / t["modes"]["standard"]["p50_ms"]
     row = rep["append_vs_reprefill"][0]
     assert row["history_tokens"] > 100 and row["modes"]["batch_invariant"]["reprefill_ms"] > 0
+    assert 0 < row["modes"]["standard"]["append_prefill_ms"] < row["modes"]["standard"]["append_tick_ms"]
     mins = rep["minutes"]
     assert mins["history_tokens"][1] > mins["history_tokens"][0] > 0
     assert rep["memory"]["kv_bytes_per_minute"] > 0
@@ -37,7 +41,8 @@ def test_table_marks_missed_targets():
                       "ratio_p50": 2.0, "ratio_p99": 80 / 30}],
            "vocoder_ms_per_speaking_micro_turn": 5.0,
            "append_vs_reprefill": [{"seconds": 60, "history_tokens": 3000,
-                                    "modes": {m: {"reprefill_ms": 100, "append_tick_ms": 10, "speedup": 11}
+                                    "modes": {m: {"reprefill_ms": 100, "append_tick_ms": 10, "speedup": 11,
+                                                  "append_prefill_ms": 9, "speedup_whole_micro_turn": 11}
                                               for m in ("batch_invariant", "standard")}}],
            "minutes": {"minute_1": {"batch_invariant": mode(10, 11), "standard": mode(10, 11)},
                        "minute_10": {"batch_invariant": mode(10.2, 11), "standard": mode(20, 21)},
