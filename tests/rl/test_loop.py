@@ -92,3 +92,35 @@ def test_bad_config_is_refused(tmp_path):
         rl(tmp_path, "bad", group_size=1)
     with pytest.raises(ValueError, match="unknown reward names"):
         rl(tmp_path, "bad2", rewards={"tor": 1.0})
+
+
+def test_after_a_push_the_engine_samples_the_bits_of_a_fresh_engine(aligned):
+    """An engine that served the initial weights and got the step-2 weights by set_params
+    plays a group with the same tokens and log-prob bits as an engine built on them."""
+    from flax import nnx
+
+    from tml import kernels
+    from tml.eval.checkpoint import load_model
+    from tml.rl.episodes import step_groups
+    from tml.rl.loop import canonical
+    from tml.rl.rollout import make_engine, play
+
+    _, run_dir = aligned
+    # as the loop holds them (a restored state's committed arrays would compile anew)
+    init = nnx.merge(*(lambda g, s: (g, canonical(s)))(*nnx.split(load_model(CFG, None, 0)[0])))
+    trained = nnx.merge(*(lambda g, s: (g, canonical(s)))(*nnx.split(load_model(CFG, str(run_dir / "checkpoints" / "2"))[0])))
+    groups, _, _ = step_groups(["turn_taking"], 0, {}, 2, 24)
+    kw = dict(max_context=1024, temperature=1.0, top_p=1.0, max_output_tokens=8)
+    with kernels.kernel_mode("batch_invariant"):
+        pushed = make_engine(init, 4, **kw)
+        play(pushed, groups, RECIPE.rewards)            # serve the old weights first
+        compiled = pushed.compiled_programs()
+        pushed.set_params(nnx.split(trained)[1])
+        a, _ = play(pushed, groups, RECIPE.rewards)
+        assert pushed.compiled_programs() == compiled
+        b, _ = play(make_engine(trained, 4, **kw), groups, RECIPE.rewards)
+    for x, y in zip(a, b):
+        lx = np.concatenate([o.logprobs for o in x.outputs])
+        ly = np.concatenate([o.logprobs for o in y.outputs])
+        assert np.array_equal(np.concatenate([o.tokens for o in x.outputs]), np.concatenate([o.tokens for o in y.outputs]))
+        assert np.array_equal(lx.view(np.uint32), ly.view(np.uint32))

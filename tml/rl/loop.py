@@ -101,9 +101,14 @@ def _canonical(state):
     this CPU). Values are unchanged."""
     from tml.train.state import TrainState
 
+    return TrainState.create(canonical(state.params), canonical(state.rest), canonical(state.opt_state), state.rng,
+                             state.step)
+
+
+def canonical(tree):
+    """:func:`_canonical` for any pytree (e.g. weights before ``Engine.set_params``)."""
     dev = jax.devices()[0]
-    fix = lambda t: jax.tree_util.tree_map(lambda x: jax.device_put(jnp.asarray(np.asarray(x)), dev), t)  # noqa: E731
-    return TrainState.create(fix(state.params), fix(state.rest), fix(state.opt_state), state.rng, state.step)
+    return jax.tree_util.tree_map(lambda x: jax.device_put(jnp.asarray(np.asarray(x)), dev), tree)
 
 
 def run(cfg) -> list[dict]:
@@ -198,4 +203,4 @@ def run(cfg) -> list[dict]:
     return records
 
 
-__all__ = ["MODES", "run", "validate"]
+__all__ = ["MODES", "canonical", "run", "validate"]
