@@ -131,7 +131,10 @@ def table(result: dict[str, Any], note: str = "") -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> Path:
-    """Grouped bars: one group per metric, one bar per policy (latencies in s, NLL in nats)."""
+    """One panel per task, grouped bars inside it: a group per metric, a bar per policy
+    (panels have their own scale: rates, latencies in s, NLL in nats; × = undefined)."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,23 +142,33 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     import numpy as np
 
     cols, rows = result["policies"], result["rows"]
-    x = np.arange(len(rows))
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    ncols = min(4, max(len(tasks), 1))
+    nrows = max(1, math.ceil(len(tasks) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False)
     width = 0.8 / max(len(cols), 1)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.55 * len(rows) * max(len(cols), 1) / 2), 5.0))
-    for i, c in enumerate(cols):
-        h = [row["values"][c] if row["values"][c] is not None else 0.0 for row in rows]
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), h, width, label=c)
-        for b, row in zip(bars, rows):
-            if row["values"][c] is None:  # no value (e.g. no latency without a response): mark it
-                ax.text(b.get_x() + b.get_width() / 2, 0, "×", ha="center", va="bottom", fontsize=6)
-    ax.set_xticks(x, [f"{r['task']}\n{r['metric']} {ARROW[r['direction']]}" for r in rows], rotation=70,
-                  ha="right", fontsize=6)
-    ax.set_ylabel("mean over samples (latencies s, NLL nats)")
-    ax.set_title("tml eval: policies on the same held-out samples (× = undefined)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(axes.flat, tasks):
+        mine = [r for r in rows if r["task"] == task]
+        x = np.arange(len(mine))
+        for i, c in enumerate(cols):
+            vals = [r["values"][c] for r in mine]
+            bars = ax.bar(x - 0.4 + width * (i + 0.5), [0.0 if v is None else v for v in vals], width,
+                          label=c, color=colors[i % len(colors)])
+            for b, v in zip(bars, vals):
+                if v is None:
+                    ax.text(b.get_x() + b.get_width() / 2, 0, "×", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(x, [f"{r['metric']} {ARROW[r['direction']]}" for r in mine], fontsize=7, rotation=20)
+        ax.set_title(task, fontsize=9)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.set_axis_off()
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(cols), fontsize=8)
+    fig.suptitle(f"tml eval: {len(cols)} policies on the same held-out samples (× = undefined)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 

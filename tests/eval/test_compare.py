@@ -27,13 +27,14 @@ def test_table_has_a_column_per_policy_in_order(tmp_path, capsys):
     files = [_write(tmp_path, "silent", _report("silent", ids, 0.0, None)),
              _write(tmp_path, "oracle", _report("oracle", ids, 1.0, 0.4)),
              _write(tmp_path, "model", _report("model", ids, 0.5, 0.9))]
-    result = main(files + ["--no-plot"])
+    result = main(files)
     assert result["policies"] == ["oracle", "model", "silent"]
     row = next(r for r in result["rows"] if r["metric"] == "tor")
     assert row["values"] == {"oracle": 1.0, "model": 0.5, "silent": 0.0}
     lat = next(r for r in result["rows"] if r["metric"] == "latency")
     assert lat["values"]["silent"] is None
     assert json.loads((tmp_path / "compare.json").read_text())["policies"] == result["policies"]
+    assert (tmp_path / "compare.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "oracle" in out and "1.000" in out and "0.500" in out
 
