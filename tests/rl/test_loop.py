@@ -124,3 +124,28 @@ def test_after_a_push_the_engine_samples_the_bits_of_a_fresh_engine(aligned):
         ly = np.concatenate([o.logprobs for o in y.outputs])
         assert np.array_equal(np.concatenate([o.tokens for o in x.outputs]), np.concatenate([o.tokens for o in y.outputs]))
         assert np.array_equal(lx.view(np.uint32), ly.view(np.uint32))
+
+
+def test_sigterm_saves_the_finished_step_first(aligned, tmp_path, monkeypatch):
+    """SIGTERM during step 1's rollout: step 1 finishes, is checkpointed, and the run exits 0."""
+    import os
+    import signal
+
+    import tml.rl.loop as loop
+
+    real = loop.play
+
+    def play_then_term(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(loop, "play", play_then_term)
+    with pytest.raises(SystemExit) as e:
+        rl(tmp_path, "term", steps=2)
+    assert e.value.code == 0
+    from tml.train.checkpoint import Checkpointer
+
+    ck = Checkpointer(tmp_path / "term" / "checkpoints", model_config=CFG, async_save=False)
+    assert ck.all_steps() == [1]
+    ck.close()
+    assert [r["step"] for r in read_metrics(tmp_path / "term")] == [1]
