@@ -14,7 +14,9 @@ from typing import Optional
 class EvalConfig:
     """What ``tml eval`` runs, on what, and where it writes (``recipes/eval/``)."""
 
-    policy: str = "oracle"                 # oracle | silent | model | untrained
+    policy: str = "oracle"                 # oracle | silent | model | untrained; source=fdb also: outputs
+    #                                        (score the folder's own output.json; oracle means the same there).
+    #                                        recipes/eval/fdb.yaml defaults to model (runs it on each input.wav)
     source: str = "scenarios"              # scenarios (synthetic, held out) | fdb (a Full-Duplex-Bench folder)
     out: str = "runs/eval/{policy}"        # <out>/eval.json and <out>/*.png ({policy} = the policy's name)
     # policy=model: a training run dir (`make run` writes runs/tiny), its checkpoints/ dir or
@@ -35,7 +37,8 @@ class EvalConfig:
     max_output_tokens: int = 16            # per micro-turn, <end> included
     inputs: str = "audio"                  # audio (3,200 samples / micro-turn) | dmel (the corpus' bins)
     kernel_mode: str = "batch_invariant"   # batch_invariant | standard
-    # fdb: the directory holding per-sample folders (input.wav, output.wav, output.json, task json)
+    # fdb: the directory holding per-sample folders (input.wav and the task json; output.wav and
+    # output.json too for policy=outputs)
     fdb_dir: Optional[str] = None
     fdb_task: str = "auto"                 # auto (from each sample's json) | pause_handling | smooth_turn_taking |
     #                                        user_interruption | backchannel

@@ -24,9 +24,18 @@ overlaps it (``tml.stream.to_micro_turns``' rule), so the backchannel scores her
 the VAD-free reading of the same samples and can differ from FD-bench's where the VAD
 and the ASR disagree. No LLM rating is reproduced.
 
-Bad samples (a missing file, unreadable JSON, unordered or overlapping words, a word
-after the audio ends) raise :class:`~tml.eval.scenarios.SampleError` naming the folder
-and the file; :func:`score_dir` records them and scores the rest.
+Running a policy on the folder instead (``eval.policy=model|untrained|silent``,
+``tml.eval.run.run_fdb``): only ``input.wav`` and the task's metadata are read.
+:func:`read_input` decodes ``input.wav`` with :func:`tml.audio.load_audio` (any rate and
+channel count -> 16 kHz mono, padded with silence to whole 3,200-sample micro-turns),
+the policy is streamed one micro-turn per tick, and :func:`policy_timeline` turns its
+per-micro-turn outputs into the model side of the Timeline by the text-channel word rule
+(:func:`tml.eval.scenarios.model_parts`: the model's text channel is the transcript,
+its ``<speak>`` frames its speech activity); the same task scorer then scores it.
+
+Bad samples (a missing file, unreadable JSON or audio, unordered or overlapping words, a
+word after the audio ends) raise :class:`~tml.eval.scenarios.SampleError` naming the
+folder and the file; :func:`iter_samples` and ``run_fdb`` record them and score the rest.
 """
 
 from __future__ import annotations
@@ -37,10 +46,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import soundfile
 
 from tml.eval.fdb_v1 import backchannel, load_backchannel_reference, pause_handling, smooth_turn_taking, user_interruption
-from tml.eval.scenarios import SampleError, scalars
+from tml.eval.scenarios import MicroTurnOutput, SampleError, model_parts, scalars
 from tml.eval.timeline import MICRO_TURNS_PER_S, Annotations, OverlapEvent, Timeline, TimelineError, Word
 
 TASK_FILES = {"pause_handling": "pause.json", "smooth_turn_taking": "turn_taking.json",
@@ -49,6 +59,8 @@ TASK_FILES = {"pause_handling": "pause.json", "smooth_turn_taking": "turn_taking
 TASKS = (*TASK_FILES, "backchannel")
 REQUIRED = ("input.wav", "output.wav", "output.json")
 REFERENCE_NAME = "icc_gt_distribution.json"
+SAMPLE_RATE = 16_000
+SAMPLES_PER_MICRO_TURN = SAMPLE_RATE // MICRO_TURNS_PER_S  # 3,200
 
 
 def sample_dirs(root: str | Path) -> list[Path]:
@@ -121,6 +133,14 @@ def timeline(folder: Path, task: str, reference: dict[str, tuple[float, ...]] | 
         b = min(math.floor(max(w.start, w.end - 1e-6) * MICRO_TURNS_PER_S + 1e-9), n - 1)
         for t in range(max(a, 0), b + 1):
             speaking[t] = True
+    try:
+        return Timeline(folder.name, tuple(speaking), tuple(words), annotations=annotations(folder, task, reference))
+    except TimelineError as e:
+        raise SampleError(f"sample {folder.name!r} ({task}): {e}") from None
+
+
+def annotations(folder: Path, task: str, reference: dict[str, tuple[float, ...]] | None = None) -> Annotations:
+    """The task's annotations from the sample's metadata json (module docstring)."""
     if task not in TASKS:
         raise ValueError(f"eval.fdb_task={task!r}: choose auto or one of {TASKS}")
     meta = TASK_FILES.get(task)
@@ -137,8 +157,36 @@ def timeline(folder: Path, task: str, reference: dict[str, tuple[float, ...]] | 
     except (KeyError, IndexError, TypeError, ValueError) as e:
         raise SampleError(f"sample {folder.name!r}: {meta} is not in FD-bench's layout ({type(e).__name__}: {e}); "
                           "expected [{\"timestamp\": [start, end], ...}]") from None
+    return ann
+
+
+def read_input(folder: Path) -> np.ndarray:
+    """``input.wav`` as float32 16 kHz mono, zero-padded to whole micro-turns (3,200 samples).
+
+    A missing, corrupt, truncated or empty file raises :class:`SampleError` with the reason."""
+    from tml.audio import AudioError, load_audio
+
+    path = folder / "input.wav"
+    if not path.exists():
+        raise SampleError(f"sample {folder.name!r}: input.wav is missing in {folder}")
     try:
-        return Timeline(folder.name, tuple(speaking), tuple(words), annotations=ann)
+        audio = load_audio(path, SAMPLE_RATE, mono=True)
+    except AudioError as e:
+        raise SampleError(f"sample {folder.name!r}: input.wav cannot be read ({e})") from None
+    n = math.ceil(len(audio) / SAMPLES_PER_MICRO_TURN)
+    return np.pad(audio, (0, n * SAMPLES_PER_MICRO_TURN - len(audio))).astype(np.float32)
+
+
+def policy_timeline(folder: Path, task: str, outputs: list[MicroTurnOutput],
+                    reference: dict[str, tuple[float, ...]] | None = None) -> Timeline:
+    """A policy's per-micro-turn outputs on ``folder``'s input.wav -> the Timeline its task scores."""
+    if not outputs:
+        raise SampleError(f"sample {folder.name!r}: the policy produced no micro-turns")
+    parts = model_parts(outputs)
+    ann = annotations(folder, task, reference)
+    try:
+        return Timeline(folder.name, parts.speaking, parts.words, control_tokens=parts.control_tokens,
+                        annotations=ann)
     except TimelineError as e:
         raise SampleError(f"sample {folder.name!r} ({task}): {e}") from None
 

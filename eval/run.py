@@ -8,8 +8,18 @@ Two sources (``eval.source``, recipes ``recipes/eval/scenarios.yaml`` and ``fdb.
   synthesised user audio, video, typed text and background results streamed to the
   policy one 200 ms micro-turn per tick (:func:`tml.eval.policies.stream`, at most
   ``eval.batch_size`` sessions live), then scored task by task.
-* ``fdb`` -- a directory in Full-Duplex-Bench's sample layout (:mod:`tml.eval.fdb_dir`):
-  the model outputs it already holds are scored; no policy runs.
+* ``fdb`` -- a directory in Full-Duplex-Bench's sample layout (:mod:`tml.eval.fdb_dir`),
+  each sample scored by its own task (pause handling, smooth turn-taking, user
+  interruption or backchannel, detected from its metadata json). With
+  ``eval.policy=model|untrained|silent`` (:func:`run_fdb_policy`) the policy runs on
+  each sample's ``input.wav`` (16 kHz mono, streamed as 3,200-sample micro-turns like
+  the scenarios) and its text channel is the transcript
+  (:func:`tml.eval.fdb_dir.policy_timeline`). With ``eval.policy=outputs``
+  (:func:`run_fdb`) no policy runs: the outputs the folder already holds
+  (``output.wav`` / ``output.json``) are scored; ``oracle`` -- the EvalConfig default,
+  which has no script on an FD-bench folder -- means the same. The ``eval=fdb`` recipe
+  (``recipes/eval/fdb.yaml``) defaults to ``eval.policy=model`` (``eval.checkpoint``,
+  ``runs/tiny`` by default).
 
 ``<out>/eval.json`` holds ``config``, ``policy``, ``source``, ``seeds`` (generator seed,
 index offset, the indices used), ``samples`` (per sample: id, scenario or task, seed,
@@ -51,6 +61,8 @@ from tml.eval.scenarios import HELD_OUT_INDEX_OFFSET, Reference, SampleError, re
 from tml.eval.target_loss import target_nll
 
 POLICIES = ("oracle", "silent", "model", "untrained")
+FDB_OUTPUTS = ("outputs", "oracle")
+"""``eval.source=fdb`` policies that score the folder's own output.json (no policy runs)."""
 
 
 def make_policy(cfg: EvalConfig, model_cfg=None, seed: int = 0) -> Policy:
@@ -79,7 +91,8 @@ def make_policy(cfg: EvalConfig, model_cfg=None, seed: int = 0) -> Policy:
         policy = ModelPolicy(model, name=name, max_sessions=cfg.batch_size, sampling=sampling)
         policy.loaded = loaded
         return policy
-    raise SystemExit(f"eval.policy={cfg.policy!r}: choose one of {POLICIES}")
+    raise SystemExit(f"eval.policy={cfg.policy!r}: choose one of {POLICIES}"
+                     + (" (or outputs: score the folder's own output.json)" if cfg.source == "fdb" else ""))
 
 
 # ------------------------------------------------------------------ scenarios
@@ -205,6 +218,78 @@ def run_fdb(cfg: EvalConfig) -> tuple[list[dict], list[dict], dict]:
     return samples, errors, {"fdb_dir": str(cfg.fdb_dir)}
 
 
+def run_fdb_policy(cfg: EvalConfig, policy: Policy) -> tuple[list[dict], list[dict], dict]:
+    """Run ``policy`` on every sample's ``input.wav`` of a Full-Duplex-Bench folder and score
+    its outputs with the sample's task -> (samples, errors, seeds).
+
+    A sample whose ``input.wav`` is missing or unreadable, or whose metadata is malformed, is
+    recorded in ``errors`` with the reason and skipped; the rest are streamed (at most
+    ``eval.batch_size`` live) and scored. Session seed: ``eval.seed ^ k`` for the k-th folder.
+    """
+    from tqdm import tqdm
+
+    from tml.audio import FRAMES_PER_MICRO_TURN, dmel
+    from tml.eval.fdb_dir import (SAMPLES_PER_MICRO_TURN, annotations, detect_task, find_reference, policy_timeline,
+                                  read_input, sample_dirs, score_timeline)
+
+    if not cfg.fdb_dir:
+        raise SystemExit("eval.source=fdb needs eval.fdb_dir=/path/to/<task folder> (Full-Duplex-Bench layout)")
+    try:
+        dirs = sample_dirs(cfg.fdb_dir)
+        ref = find_reference(Path(cfg.fdb_dir), cfg.fdb_reference)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
+    want_dmel = getattr(getattr(policy, "sampling", None), "inputs", "audio") == "dmel"
+    errors: list[dict] = []
+    meta: dict[str, tuple[Path, str, int, int]] = {}  # sample id -> (folder, task, index, micro-turns)
+
+    def inputs(audio: np.ndarray) -> Iterator[MicroTurnInput]:
+        bins = dmel(audio) if want_dmel else None
+        for t in range(len(audio) // SAMPLES_PER_MICRO_TURN):
+            d = (bins[t * FRAMES_PER_MICRO_TURN:(t + 1) * FRAMES_PER_MICRO_TURN] if want_dmel
+                 else np.zeros((FRAMES_PER_MICRO_TURN, 80), np.uint8))
+            yield MicroTurnInput(t, audio[t * SAMPLES_PER_MICRO_TURN:(t + 1) * SAMPLES_PER_MICRO_TURN], d)
+
+    def samples_to_stream() -> Iterator[Sample]:  # lazy: a sample's audio is read when its session joins
+        for k, folder in enumerate(dirs):
+            task = cfg.fdb_task
+            try:
+                if task == "auto":
+                    task = detect_task(folder)
+                annotations(folder, task, ref)  # malformed metadata: skipped before it is streamed
+                audio = read_input(folder)
+            except (SampleError, ValueError) as e:
+                errors.append({"sample_id": folder.name, "error": str(e)})
+                bar.update(1)
+                continue
+            n = len(audio) // SAMPLES_PER_MICRO_TURN
+            meta[folder.name] = (folder, task, k, n)
+            yield Sample(folder.name, cfg.seed ^ k, n, lambda a=audio: inputs(a))
+
+    samples: list[dict] = []
+    bar = tqdm(total=len(dirs), desc=f"eval fdb {policy.name}", unit="sample", disable=not cfg.progress,
+               file=sys.stderr)
+    for done in stream(policy, samples_to_stream(), cfg.batch_size):
+        bar.update(1)
+        sid = done.sample.sample_id
+        folder, task, k, n = meta[sid]
+        if done.error is None:
+            try:
+                scores = score_timeline(policy_timeline(folder, task, done.outputs, ref), task)
+            except (SampleError, ValueError) as e:
+                done.error = str(e)
+        if done.error is not None:
+            errors.append({"sample_id": sid, "error": done.error})
+            continue
+        samples.append({"sample_id": sid, "scenario": task, "seed": cfg.seed ^ k, "index": k, "micro_turns": n,
+                        "tasks": [{"task": task, **scores}]})
+    bar.close()
+    order = {d.name: i for i, d in enumerate(dirs)}
+    samples.sort(key=lambda s: order[s["sample_id"]])
+    errors.sort(key=lambda e: order.get(e["sample_id"], len(order)))
+    return samples, errors, {"fdb_dir": str(cfg.fdb_dir), "seed": cfg.seed}
+
+
 # ------------------------------------------------------------------ the command
 def summarise(samples: list[dict]) -> dict[str, dict[str, Any]]:
     """Per-task aggregates over every sample's task rows."""
@@ -234,7 +319,12 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, m
 
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
-    if cfg.source == "scenarios":
+    if cfg.source not in ("scenarios", "fdb"):
+        raise SystemExit(f"eval.source={cfg.source!r}: choose scenarios or fdb (recipes eval=scenarios | eval=fdb)")
+    if cfg.source == "fdb" and policy is None and cfg.policy in FDB_OUTPUTS:
+        samples, errors, seeds = run_fdb(cfg)
+        policy_name = "fdb outputs"
+    else:
         policy = policy or make_policy(cfg, model_cfg, seed)
         loaded = getattr(policy, "loaded", None)
         if loaded is not None:
@@ -243,7 +333,7 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, m
                               else None}
         t_stream, cpu = time.perf_counter(), time.process_time()
         with kernels.kernel_mode(cfg.kernel_mode):
-            samples, errors, seeds = run_scenarios(cfg, policy)
+            samples, errors, seeds = (run_scenarios if cfg.source == "scenarios" else run_fdb_policy)(cfg, policy)
         seconds = time.perf_counter() - t_stream
         n_mt = sum(s["micro_turns"] for s in samples)
         # wall seconds (compilation included) and this process's CPU seconds: on a shared
@@ -254,11 +344,6 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, m
                            "s_per_sample": round(seconds / max(len(samples), 1), 4),
                            "ms_per_micro_turn": round(1e3 * seconds / max(n_mt, 1), 3)}
         policy_name = policy.name
-    elif cfg.source == "fdb":
-        samples, errors, seeds = run_fdb(cfg)
-        policy_name = "fdb outputs"
-    else:
-        raise SystemExit(f"eval.source={cfg.source!r}: choose scenarios or fdb (recipes eval=scenarios | eval=fdb)")
     for e in errors:
         print(f"tml eval: skipped {e['sample_id']}: {e['error']}", file=sys.stderr)
     out = out_dir(cfg, policy_name)
