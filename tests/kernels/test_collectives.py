@@ -72,3 +72,43 @@ def test_tree_sum_order():
     p = [parts[i] for i in range(8)]
     expected = ((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))
     assert_bits_equal(jax.jit(tree_sum)(parts), jax.jit(lambda: expected)())
+
+
+def test_row_parallel_linear_unbound_is_the_canonical_chunk_matmul():
+    """A model's call (``axis=`` a logical name, no mesh bound): chunked_linear's bits,
+    which are not kernels.linear's (one FMA chain over K vs 8 chunks in the tree), and
+    whose gradients are kernels.linear's (the custom VJP: whole matmuls)."""
+    from tml.kernels import chunked_linear, kernel_mode, linear, row_parallel_linear
+
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((3, 70, 128)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((128, 96)) / 11, jnp.float32)
+    rp = jax.jit(lambda x, w: row_parallel_linear(x, w, axis="mlp"))
+    assert_bits_equal(rp(x, w), jax.jit(chunked_linear)(x, w))
+    assert not np.array_equal(np.asarray(rp(x, w)).view(np.uint32), np.asarray(jax.jit(linear)(x, w)).view(np.uint32))
+    c = jnp.asarray(rng.standard_normal((3, 70, 96)), jnp.float32)  # dy = c whatever the forward bits
+    grad = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) * c), argnums=(0, 1)))  # noqa: E731
+    for a, b in zip(grad(lambda x, w: row_parallel_linear(x, w, axis="mlp"))(x, w), grad(linear)(x, w)):
+        assert_bits_equal(a, b)
+    with kernel_mode("standard"):  # standard: the plain dot
+        assert_bits_equal(rp(x, w), jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))(x, w))
+
+
+def test_row_parallel_axes_binding_errors_and_size_one_axes():
+    from jax.sharding import AbstractMesh
+
+    from tml.kernels.collectives import bound_row_parallel, row_parallel_axes
+
+    mesh = AbstractMesh((1, 4), ("data", "tensor"))
+    with row_parallel_axes(mesh, {"mlp": "tensor", "q_heads": None}):
+        assert bound_row_parallel("mlp") == (mesh, "tensor", "one_shot")
+        assert bound_row_parallel("q_heads") is None
+    assert bound_row_parallel("mlp") is None
+    with row_parallel_axes(mesh, {"mlp": "data"}):  # an axis of size 1 splits nothing
+        assert bound_row_parallel("mlp") is None
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        with row_parallel_axes(mesh, {"mlp": "model"}):
+            pass
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        with row_parallel_axes(mesh, {"mlp": "tensor"}, algorithm="ring"):
+            pass

@@ -280,3 +280,18 @@ def test_tensor_fsdp_expert_forward_matches(sharded, run):
         np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
         # measured: not bitwise (the compiler psums the split contractions); recorded, not required
         print(f"{run} {kind}: bitwise={bits_equal(got, want)} max|diff|={float(np.max(np.abs(got - want))):.2e}")
+
+
+# ------------------------------------------------------------------- tensor parallelism
+def test_tensor_parallel_reads_the_row_parallel_axes_from_the_rules():
+    from tml.parallel import NOT_TP_INVARIANT, invariant_rules, row_parallel_mesh_axes
+
+    assert row_parallel_mesh_axes(amesh(tensor=4)) == {"q_heads": "tensor", "mlp": "tensor",
+                                                       "expert_mlp": "tensor"}
+    assert row_parallel_mesh_axes(amesh(data=8)) == {"q_heads": None, "mlp": None, "expert_mlp": None}
+    rules = invariant_rules()
+    assert all(rules[name] == () for name in NOT_TP_INVARIANT)
+    assert rules["q_heads"] == ("tensor",) and rules["kv_heads"] == ("tensor",)
+    assert row_parallel_mesh_axes(amesh(tensor=4), rules)["expert_mlp"] is None
+    with pytest.raises(ValueError, match="several mesh axes"):
+        row_parallel_mesh_axes(amesh(fsdp=2, tensor=2), {**DEFAULT_RULES, "mlp": ["fsdp", "tensor"]})
