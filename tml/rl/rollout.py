@@ -24,6 +24,7 @@ from tml.rl.rewards import episode_reward
 from tml.sampler.engine import Engine
 from tml.sampler.sampling import SamplingParams
 from tml.sampler.session import TurnOutput
+from tml.sampler.divergence_run import serve as serve_scripted
 
 log = logging.getLogger(__name__)
 
@@ -71,24 +72,9 @@ def kv_needed(e: EpisodeInputs, max_output_tokens: int) -> int:
 
 def serve(engine: Engine, episodes: list[EpisodeInputs]) -> tuple[dict[str, list[TurnOutput]], dict[str, list]]:
     """Every episode one micro-turn per tick, all live together (``engine.max_sessions``
-    at most; the next joins when one ends) → per name: outputs, committed turns."""
-    waiting, live = list(episodes), {}
-    outputs, turns = {}, {}
-    while waiting or live:
-        while waiting and len(live) < engine.max_sessions:
-            e = waiting.pop(0)
-            live[engine.open(seed=e.seed)] = (e, 0)
-        for sid, (e, t) in live.items():
-            engine.append(sid, e.inputs[t])
-        engine.tick()
-        for sid in list(live):
-            e, t = live[sid]
-            if t + 1 == len(e.inputs):
-                outputs[e.name], turns[e.name] = engine.outputs(sid), engine.turns(sid)
-                engine.close(sid)
-                del live[sid]
-            else:
-                live[sid] = (e, t + 1)
+    at most; the next joins when one ends) → per name: outputs, committed turns. The one
+    scripted-session loop, :func:`tml.sampler.divergence_run.serve`."""
+    outputs, turns, _ = serve_scripted(engine, episodes)
     return outputs, turns
 
 
