@@ -6,11 +6,12 @@ For a batch of played episodes (:class:`tml.rl.rollout.Episode`):
 1. **Old log-probs**: :func:`tml.sampler.score` rescores every episode's committed turns
    as one row with the current weights (the trainer's program); each sampled token's
    value is read at the slot the engine reported
-   (:func:`trainer_logprobs`: a speech frame is the sum of its 80 channel log-probs). In ``batch_invariant`` mode they equal the engine's bit for
+   (:func:`tml.sampler.score.trainer_logprobs`: a speech frame is the sum of its 80
+   channel log-probs). In ``batch_invariant`` mode they equal the engine's bit for
    bit; :func:`tml.sampler.divergence.drift_metrics` over all tokens gives the
    ``mismatch/*`` metrics of the step.
 2. **Rows**: ``layout(turns)`` padded exactly as ``score`` pads them
-   (:func:`tml.sampler.score._pad_rows`: same length bucket, same patch bucket), so the
+   (:func:`tml.sampler.score.pad_rows`: same length bucket, same patch bucket), so the
    gradient is taken through the program that produced the old log-probs. The action
    mask [B, L-1] is the sampled slots (index ``p - 1`` predicts slot ``p``).
 3. **Loss** (:mod:`tml.rl.objectives`): PPO-clip on ``exp(logp - old)`` with the
@@ -38,8 +39,8 @@ from tml.rl import objectives as obj
 from tml.rl.config import RLConfig
 from tml.rl.rollout import Episode
 from tml.sampler.divergence import drift_metrics
-from tml.sampler.score import _pad_rows, score
-from tml.stream import LossKind, layout
+from tml.sampler.score import pad_rows, score, trainer_logprobs
+from tml.stream import layout
 from tml.train.config import OptimConfig
 from tml.train.optim import make_optimizer
 
@@ -63,18 +64,6 @@ class Prepared:
     advantages: np.ndarray
     drift: dict[str, float]
     tokens: int
-
-
-def trainer_logprobs(outputs, scored) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """An episode's sampled tokens → (sampler log-probs, trainer log-probs, row slots),
-    each [N]: the trainer's value at a speech slot is the frame's sum over its 80 channels
-    (``ScoredSession.speech_logprobs``), as the sampler reports it (the read
-    ``tests/sampler/scenario.py::sampler_vs_score`` makes)."""
-    pos = np.concatenate([o.positions for o in outputs]).astype(np.int64)
-    speech = scored.loss_kind[pos] == LossKind.SPEECH
-    trainer = np.where(speech, scored.speech_logprobs[pos], scored.token_logprobs[pos])
-    sampler = np.concatenate([o.logprobs for o in outputs])
-    return sampler.astype(np.float32), trainer.astype(np.float32), pos
 
 
 def advantages_of(episodes: list[Episode], c: RLConfig) -> np.ndarray:
@@ -101,10 +90,10 @@ def prepare(model, ref_model, episodes: list[Episode], c: RLConfig) -> Prepared:
     scored = score(model, turns, batch_size=B)
     sam, tra, pos = [], [], []
     for e, s in zip(episodes, scored):
-        a, b, p = trainer_logprobs(e.outputs, s)
+        a, b, p, _ = trainer_logprobs(e.outputs, s)
         sam.append(a), tra.append(b), pos.append(p)
     drift = drift_metrics(np.concatenate(sam), np.concatenate(tra))
-    batch = _pad_rows([layout(t) for t in turns])
+    batch = pad_rows([layout(t) for t in turns])
     shape = (B, batch["tokens"].shape[1] - 1)
     mask = _at_slots([np.ones(len(p), np.float32) for p in pos], pos, shape)
     if c.kl_coef > 0:

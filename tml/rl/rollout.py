@@ -23,8 +23,8 @@ from tml.rl.episodes import EpisodeInputs, Group
 from tml.rl.rewards import episode_reward
 from tml.sampler.engine import Engine
 from tml.sampler.sampling import SamplingParams
+from tml.sampler.scripted import serve as serve_scripted
 from tml.sampler.session import TurnOutput
-from tml.sampler.divergence_run import serve as serve_scripted
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def kv_needed(e: EpisodeInputs, max_output_tokens: int) -> int:
 def serve(engine: Engine, episodes: list[EpisodeInputs]) -> tuple[dict[str, list[TurnOutput]], dict[str, list]]:
     """Every episode one micro-turn per tick, all live together (``engine.max_sessions``
     at most; the next joins when one ends) → per name: outputs, committed turns. The one
-    scripted-session loop, :func:`tml.sampler.divergence_run.serve`."""
+    scripted-session loop, :func:`tml.sampler.scripted.serve`."""
     outputs, turns, _ = serve_scripted(engine, episodes)
     return outputs, turns
 

@@ -15,7 +15,8 @@ different lengths and the short ones leave first.
 rather than compiling another program), feeding each session one micro-turn per tick;
 a finished session closes and the next one joins at the next tick. Then
 :func:`tml.sampler.score` rescores every finished session as one row, and each sampled
-token's sampler log-prob is compared with the trainer's (:func:`trainer_logprobs`).
+token's sampler log-prob is compared with the trainer's (:func:`tml.sampler.score.trainer_logprobs`);
+the serving loop is :func:`tml.sampler.scripted.serve`.
 The two modes run the same inputs and seeds but may sample different tokens (``standard``
 log-probs differ, so do the draws), so each mode is compared with its own scoring.
 
@@ -39,8 +40,9 @@ from tml import kernels
 from tml.sampler.divergence import METRICS, drift_metrics, session_drift
 from tml.sampler.engine import Engine
 from tml.sampler.sampling import SamplingParams
-from tml.sampler.score import ScoredSession, score
-from tml.sampler.session import TurnInputs, TurnOutput
+from tml.sampler.score import score, trainer_logprobs
+from tml.sampler.scripted import serve
+from tml.sampler.session import TurnInputs
 from tml.stream import LossKind
 
 MODES = ("batch_invariant", "standard")
@@ -130,18 +132,6 @@ def engine_shapes(sessions: list[ScriptedSession], max_output_tokens: int) -> tu
     return need, patches
 
 
-def trainer_logprobs(outputs: list[TurnOutput], scored: ScoredSession) -> tuple[np.ndarray, np.ndarray,
-                                                                                 np.ndarray, np.ndarray]:
-    """A session's sampled tokens → (sampler log-probs, trainer log-probs, row slots, loss
-    kinds), each [N]. The trainer's value at a speech slot is the frame's sum over its 80
-    channels (``ScoredSession.speech_logprobs``), as the sampler reports it."""
-    pos = np.concatenate([o.positions for o in outputs]).astype(np.int64)
-    kind = scored.loss_kind[pos]
-    trainer = np.where(kind == LossKind.SPEECH, scored.speech_logprobs[pos], scored.token_logprobs[pos])
-    sampler = np.concatenate([o.logprobs for o in outputs])
-    return sampler.astype(np.float32), trainer.astype(np.float32), pos, kind
-
-
 @dataclass
 class ModeResult:
     """One kernel mode's comparison. ``metrics`` over every sampled token of every session;
@@ -163,33 +153,6 @@ class ModeResult:
                 "seconds": self.seconds,
                 "abs_diff_by_position": [{"positions": p.tolist(), "abs_diff": d.tolist()}
                                          for p, d in zip(self.positions, self.abs_diff)]}
-
-
-def serve(engine: Engine, sessions: list[ScriptedSession]) -> tuple[dict[str, list[TurnOutput]], dict[str, list],
-                                                                    dict[str, int]]:
-    """Feed every session one micro-turn per tick, ``engine.max_sessions`` live at once
-    (the next joins when one finishes) → per session name: outputs, committed turns, KV
-    length."""
-    waiting = list(sessions)
-    live: dict[int, tuple[ScriptedSession, int]] = {}   # sid -> (session, next micro-turn)
-    outputs, turns, lengths = {}, {}, {}
-    while waiting or live:
-        while waiting and len(live) < engine.max_sessions:
-            s = waiting.pop(0)
-            live[engine.open(seed=s.seed)] = (s, 0)
-        for sid, (s, t) in live.items():
-            engine.append(sid, s.inputs[t])
-        engine.tick()
-        for sid in list(live):
-            s, t = live[sid]
-            if t + 1 == len(s.inputs):
-                outputs[s.name], turns[s.name], lengths[s.name] = engine.outputs(sid), engine.turns(sid), \
-                    engine.length(sid)
-                engine.close(sid)
-                del live[sid]
-            else:
-                live[sid] = (s, t + 1)
-    return outputs, turns, lengths
 
 
 def run_mode(model, sessions: list[ScriptedSession], mode: str, *, batch_size: int = 8,

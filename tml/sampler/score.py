@@ -24,7 +24,7 @@ from flax import nnx
 
 from tml import kernels
 from tml.model.loss import token_logprobs
-from tml.stream import MicroTurn, Tokens, layout
+from tml.stream import LossKind, MicroTurn, Tokens, layout
 from tml.text import ByteTokenizer, Tokenizer
 
 _frame_sum = jax.jit(lambda x: kernels.pairwise_sum(x, -1))
@@ -60,7 +60,12 @@ def row_bucket(n: int) -> int:
     return size
 
 
-def _pad_rows(seqs: list[Tokens]) -> dict:
+def pad_rows(seqs: list[Tokens]) -> dict:
+    """Laid-out sessions → the padded batch :func:`score` runs (and a learner must take its
+    gradient through, to run the program that produced the log-probs): every field
+    [B, L] (``dmel`` [B, L, ...]) padded to ``L = row_bucket(longest)`` with segment 0,
+    ``patches`` uint8 [B, Np, ...] padded to the next power of two ``Np`` of the most
+    patches (at least 1); jax arrays."""
     L = row_bucket(max(len(s) for s in seqs))
     Np = 1 << (max(1, max(len(s.patches) for s in seqs)) - 1).bit_length()  # a power of two
     out = {}
@@ -96,7 +101,7 @@ def score(model, sessions: list[list[MicroTurn]], *, tokenizer: Tokenizer = Byte
     out: list[ScoredSession] = []
     for i in range(0, len(seqs), batch_size):
         group = seqs[i:i + batch_size]
-        tok, sp = _score_rows(model, _pad_rows(group))
+        tok, sp = _score_rows(model, pad_rows(group))
         tok, sp = np.asarray(tok), np.asarray(sp)
         for r, s in enumerate(group):
             L = len(s)
@@ -106,3 +111,17 @@ def score(model, sessions: list[list[MicroTurn]], *, tokenizer: Tokenizer = Byte
             c[1:] = sp[r, :L - 1]
             out.append(ScoredSession(s.tokens, s.loss_kind, t, c, speech_frame_logprob(c)))
     return out
+
+
+def trainer_logprobs(outputs, scored: ScoredSession) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A session's sampled tokens (its engine outputs, :class:`tml.sampler.TurnOutput` s
+    with ``positions`` and ``logprobs``) read against its :func:`score` row → (sampler
+    log-probs float32 [N], trainer log-probs float32 [N], row slots int64 [N], loss kinds
+    [N]). The trainer's value at a speech slot is the frame's sum over its 80 channels
+    (``ScoredSession.speech_logprobs``), as the sampler reports it; the one read the
+    divergence inspector and the RL learner make."""
+    pos = np.concatenate([o.positions for o in outputs]).astype(np.int64)
+    kind = scored.loss_kind[pos]
+    trainer = np.where(kind == LossKind.SPEECH, scored.speech_logprobs[pos], scored.token_logprobs[pos])
+    sampler = np.concatenate([o.logprobs for o in outputs])
+    return sampler.astype(np.float32), trainer.astype(np.float32), pos, kind
