@@ -16,6 +16,7 @@ from flax import nnx
 from tml import kernels
 from tml.model.config import ModelConfig
 from tml.model.layers import Linear, SwiGLU, normal
+from tml.parallel.expert import moe_ffn
 
 
 class RouterBias(nnx.Variable):
@@ -49,8 +50,9 @@ class MoE(nnx.Module):
         flat = x.reshape(-1, shape[-1])
         weights, experts = self.route(flat)
         dt = x.dtype
-        y = kernels.moe_ffn(flat, experts, weights.astype(dt), self.w_gate[...].astype(dt),
-                            self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        # kernels.moe_ffn; all-to-all over the mesh inside tml.parallel.expert_parallel()
+        y = moe_ffn(flat, experts, weights.astype(dt), self.w_gate[...].astype(dt),
+                    self.w_up[...].astype(dt), self.w_down[...].astype(dt))
         if self.shared is not None:
             y = y + self.shared(flat)
         hits = jax.nn.one_hot(experts, self.n_experts, dtype=jnp.float32).sum(1)   # [N, E]

@@ -7,6 +7,8 @@ sharding rules.
     out = nnx.jit(lambda m, b: m(b))(model, shard_batch(batch, mesh))
     with tensor_parallel(mesh, DEFAULT_RULES):      # row-parallel layers: TP-invariant bits
         out = nnx.jit(lambda m, b: m(b))(model, shard_batch(batch, mesh))
+    with expert_parallel(mesh):                     # MoE dispatch: all-to-all over `expert`
+        out = nnx.jit(lambda m, b: m(b))(model, shard_batch(batch, mesh))
 
 ``tml.parallel.config`` and ``tml.parallel.mesh`` are light (no JAX import at module
 level) so configs load without starting JAX; the sharding functions are imported on
@@ -25,7 +27,8 @@ _LAZY = {
     )
 } | {name: "tml.parallel.tensor" for name in (
     "NOT_TP_INVARIANT", "ROW_PARALLEL_AXES", "TensorParallel", "invariant_rules", "row_parallel_mesh_axes",
-    "tensor_parallel")}
+    "tensor_parallel")} | {name: "tml.parallel.expert" for name in (
+    "ExpertCapacityError", "ExpertParallel", "bound_expert_parallel", "expert_parallel", "token_mesh_axes")}
 
 
 def __getattr__(name):
@@ -43,5 +46,6 @@ __all__ = [  # noqa: RUF022
     "state_shardings", "state_specs", "use_rules", "variable_spec",
     "NOT_TP_INVARIANT", "ROW_PARALLEL_AXES", "TensorParallel", "invariant_rules", "row_parallel_mesh_axes",
     "tensor_parallel",
+    "ExpertCapacityError", "ExpertParallel", "bound_expert_parallel", "expert_parallel", "token_mesh_axes",
 ]
 assert set(__all__) >= set(_LAZY)
