@@ -14,12 +14,14 @@ from __future__ import annotations
 
 
 def build_engine(model, c):
-    """An :class:`~tml.sampler.Engine` for ``model`` sized by ``c`` (a ServeConfig), vocoder on."""
+    """An :class:`~tml.sampler.Engine` for ``model`` sized by ``c`` (a ServeConfig), with its
+    vocoder off: the server vocodes each tick's speech in its own thread, outside the engine's
+    (:mod:`tml.serve.server`), so the next tick's engine step does not wait for Griffin–Lim."""
     from tml.sampler import Engine, SamplingParams
 
     return Engine(model, max_sessions=c.max_sessions, max_context=c.max_context,
                   max_output_tokens=c.max_output_tokens,
-                  sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p), vocoder=True)
+                  sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p), vocoder=False)
 
 
 def warm_up(engine) -> int:

@@ -118,13 +118,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default="bench_results/serve.json")
     args = ap.parse_args(argv)
 
-    from tml.eval.checkpoint import load_model
-    from tml.model.config import ModelConfig
-    from tml.config import ServeConfig
-    from tml.serve.app import build_engine, warm_up
+    from omegaconf import OmegaConf
 
     import tml.recipes
-    from omegaconf import OmegaConf
+    from tml.config import ServeConfig
+    from tml.eval.checkpoint import load_model
+    from tml.model.config import ModelConfig
+    from tml.serve.app import build_engine, warm_up
 
     raw = OmegaConf.load(Path(tml.recipes.__file__).parent / "model" / "tiny.yaml")
     raw.pop("defaults", None)

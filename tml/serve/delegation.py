@@ -31,8 +31,8 @@ import asyncio
 import datetime as dt
 import inspect
 import operator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 Delegate = Callable[[str], Awaitable[str]]
 MAX_REQUEST_CHARS = 512
@@ -83,7 +83,7 @@ class Router:
     clock (a callable returning an aware datetime; for tests)."""
 
     def __init__(self, lookup_file: str | Path | None = None, tools: dict | None = None, now=None):
-        self.now = now or (lambda: dt.datetime.now(dt.timezone.utc))
+        self.now = now or (lambda: dt.datetime.now(dt.UTC))
         self.lookup_file = Path(lookup_file) if lookup_file else None
         self.tools: dict[str, Delegate] = {"clock": as_delegate(lambda _: self.now().isoformat(timespec="seconds")),
                                            "calc": as_delegate(calculate)}
@@ -114,12 +114,12 @@ def http_delegate(url: str, timeout_s: float = 10.0) -> Delegate:
     import aiohttp
 
     async def call(request: str) -> str:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
-            async with http.post(url, json={"request": request}) as r:
-                r.raise_for_status()
-                if r.content_type == "application/json":
-                    return str((await r.json()).get("result", ""))
-                return await r.text()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as http, \
+                http.post(url, json={"request": request}) as r:
+            r.raise_for_status()
+            if r.content_type == "application/json":
+                return str((await r.json()).get("result", ""))
+            return await r.text()
     return call
 
 
@@ -127,7 +127,7 @@ async def run_delegate(delegate: Delegate, request: str, timeout_s: float) -> st
     """The result text, or ``error: ...`` (timeout, exception), cut to MAX_RESULT_CHARS."""
     try:
         result = str(await asyncio.wait_for(delegate(request), timeout_s))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         result = f"error: no result within {timeout_s:g} s"
     except Exception as e:  # noqa: BLE001 -- a failing tool is a result the model reads, not a server error
         result = f"error: {e}"

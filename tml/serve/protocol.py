@@ -16,8 +16,10 @@ kind  name         payload
                    ``version`` optional); opens the session. Must be the first frame.
 0x01  AUDIO        PCM16 little-endian mono 16 kHz, exactly one 200 ms micro-turn:
                    3,200 samples = 6,400 bytes.
-0x02  VIDEO        one JPEG or PNG frame (checked by its magic bytes); it joins the
-                   next audio chunk's micro-turn.
+0x02  VIDEO        one JPEG or PNG frame (checked by its magic bytes); up to two
+                   join the next audio chunk's micro-turn as its frame pair (video at
+                   10 fps; one frame alone is duplicated; a third is refused with
+                   ``video_rate``).
 0x03  TEXT         UTF-8 typed text; joins the next audio chunk's micro-turn.
 0x04  CONTROL      UTF-8 JSON ``{"action": "open" | "close" | "rollback" |
                    "cancel", ...}``: ``open`` takes ``seed``/``context`` (a new
@@ -46,8 +48,10 @@ kind  name          payload
                     ``rolled_back``, ``cancelled``).
 0x14  TICK          UTF-8 JSON per served micro-turn: ``micro_turn``, ``tick``,
                     ``queue_ms`` (chunk arrival → tick start), ``engine_ms`` (the
-                    engine's tick), ``batch`` (sessions in the tick), ``tokens``,
-                    ``logprobs`` (hex of the float32 bits, raw), ``forced_end``.
+                    engine's tick), ``vocoder_ms`` (this session's vocoding),
+                    ``batch`` (sessions in the tick), ``tokens``, ``logprobs`` (hex of
+                    the float32 bits, raw), ``forced_end``, ``speaking``, ``video``
+                    (frames of the micro-turn's pair the server received: 0, 1, 2).
 0x15  ERROR         UTF-8 JSON ``{"code": str, "message": str}``; the session lives
                     on unless the server closes the socket after it.
 0x16  PONG          the PING's bytes.

@@ -3,20 +3,35 @@
 One websocket is one session (:mod:`tml.serve.protocol`); every session lives in the
 same engine, so a tick serves all of them as one batch. An asyncio task ticks every
 ``tick_ms`` (200 ms): it takes the oldest queued 200 ms chunk of every session that has
-one (with the typed text, video frame and background results that arrived before it),
-``append``s them, runs ``engine.tick()`` in a worker thread (the event loop keeps
-reading sockets meanwhile) and sends each session its outputs: MODEL_AUDIO (vocoded
-PCM16), MODEL_TEXT, MODEL_EVENT (control actions) and TICK (timing, tokens, raw
-log-prob bits). When an output holds ``<delegate>``, the model's text since its last
-delegation goes to an asynchronous background task (:mod:`tml.serve.delegation`) whose
-result becomes the ``background`` input of a later micro-turn; no tick waits for it. A
-tick that ends past its deadline starts the next at once and is
-counted in ``/stats`` (``deadline_misses``).
+one (with the typed text, the micro-turn's video frame pair and background results that
+arrived before it) and hands the appends and ``engine.tick()`` to the engine thread;
+then, off the engine, each session's outputs are vocoded (when the engine was built with
+``vocoder=False``, as ``tml serve`` builds it), encoded and sent: MODEL_AUDIO (PCM16),
+MODEL_TEXT, MODEL_EVENT (control actions) and TICK (timing, tokens, raw log-prob bits).
+When an output holds ``<delegate>``, the model's text since its last delegation goes to
+an asynchronous background task (:mod:`tml.serve.delegation`) whose result becomes the
+``background`` input of a later micro-turn; no tick waits for it. A tick whose engine
+step ends past its deadline starts the next at once and is counted in ``/stats``
+(``deadline_misses``).
 
-**Engine access.** The engine is not thread-safe (its ``append`` mutates the session a
-running ``tick`` reads), so every engine call — append, tick, open, close, rollback —
-happens under one ``asyncio.Lock``; control frames and disconnects wait at most one
-tick. Chunks that arrive meanwhile only go into their session's queue.
+**Threads.** The engine is not thread-safe (``append`` mutates the session a running
+``tick`` reads; ``open``/``close``/``rollback`` move pages), so exactly one thread — the
+server's *engine thread*, a one-worker executor named ``tml-serve-engine`` — makes every
+engine call (open, append, tick, rollback, close, the pool's counters), and an
+``asyncio.Lock`` keeps a tick's appends and its ``tick()`` together. The event loop
+never runs engine work: while a tick runs, it goes on receiving messages, checking
+tokens and rate limits and answering malformed frames, PINGs and refused handshakes at
+once (``tests/serve/test_threads.py``); opening, closing and rolling back a session wait
+for the running tick. The vocoder (Griffin–Lim, ``vocoder=``) and the encoding of each
+session's frames run in a second thread (``tml-serve-vocoder``), outside the engine lock,
+so tick *n*'s vocoding overlaps tick *n + 1*'s engine step; at most one earlier tick is
+still being published when a tick starts, and a session's frames always go out in
+micro-turn order. JPEG/PNG decoding runs in a worker thread too.
+
+**Video.** The model sees video at 10 fps: a micro-turn's input is a *frame pair*
+(:class:`tml.sampler.TurnInputs`), so up to two VIDEO frames join the next audio chunk
+(one frame alone is duplicated); a third before that chunk is refused (``video_rate``).
+Frames are resized to ``video_size``² RGB (80 → 4 patches of 40×40×2).
 
 **Safety.** Binds ``127.0.0.1`` unless told otherwise. Optional token (``?token=`` on
 the websocket URL or ``"token"`` in the handshake, compared in constant time). Limits:
@@ -35,9 +50,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import io
+import logging
 import signal
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -47,6 +64,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from tml.serve import protocol as P
 from tml.serve.delegation import MAX_REQUEST_CHARS, Delegate, Router, run_delegate
 from tml.serve.protocol import Kind, ProtocolError
+
+log = logging.getLogger(__name__)
+MAX_FRAMES_PER_TURN = 2          # the micro-turn's frame pair (10 fps video)
 
 
 @dataclass
@@ -67,7 +87,7 @@ class Conn:
     sid: int | None = None
     queue: deque = field(default_factory=deque)           # (float32 [3200], arrival perf_counter)
     typed: list = field(default_factory=list)
-    video: np.ndarray | None = None
+    video: list = field(default_factory=list)             # uint8 [S, S, 3] frames of the next micro-turn (<= 2)
     background: list = field(default_factory=list)
     tokens: float = 0.0
     refill: float = 0.0
@@ -79,8 +99,7 @@ class Conn:
 
     def drop_input(self) -> None:
         """Forget queued, not yet served input and running delegations."""
-        self.queue.clear(), self.typed.clear(), self.background.clear()
-        self.video = None
+        self.queue.clear(), self.typed.clear(), self.background.clear(), self.video.clear()
         for t in self.tasks:
             t.cancel()
         self.generation += 1
@@ -99,9 +118,12 @@ class Stats:
     audio_frames_sent: int = 0
     errors_sent: int = 0
     delegations: int = 0
+    video_frames_received: int = 0
+    video_turns_served: int = 0                                              # micro-turns served with a frame pair
+    publish_errors: int = 0
     deadline_misses: int = 0
     tick_ms: deque = field(default_factory=lambda: deque(maxlen=1000))      # engine tick wall time
-    loop_ms: deque = field(default_factory=lambda: deque(maxlen=1000))      # whole server tick (append..sent)
+    loop_ms: deque = field(default_factory=lambda: deque(maxlen=1000))      # whole server tick (append..last sent)
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=1000))   # chunk arrival -> outputs sent
 
     def as_dict(self) -> dict:
@@ -138,25 +160,35 @@ class Server:
     delegate_timeout_s=)``;
     ``await start()`` → the URL, ``await stop()``; or :func:`run` (blocking, SIGTERM-aware).
 
-    ``engine``: a :class:`tml.sampler.Engine` (vocoder on, for MODEL_AUDIO) that nobody
-    else uses while the server runs. ``seed``: the base seed of sessions whose handshake
-    names none (session id added). ``delegate``: what serves ``<delegate>`` requests
-    (:mod:`tml.serve.delegation`; default a :class:`Router` of clock and calculator;
-    None turns delegation off)."""
+    ``engine``: a :class:`tml.sampler.Engine` that nobody else uses while the server runs
+    (only the server's engine thread calls it, see the module docstring); build it with
+    ``vocoder=False`` so the server vocodes off the engine thread (an engine that vocodes
+    itself works too: its waveform is sent as it is). ``vocoder``: speech frames uint8
+    [T, 80] → float32 [T * 800] samples at 16 kHz (default
+    :func:`tml.audio.waveform_from_dmel`, what the engine's own vocoder calls). ``seed``:
+    the base seed of sessions whose handshake names none (session id added).
+    ``delegate``: what serves ``<delegate>`` requests (:mod:`tml.serve.delegation`;
+    default a :class:`Router` of clock and calculator; None turns delegation off)."""
 
     def __init__(self, engine, *, host: str = "127.0.0.1", port: int = 8998, token: str = "",
-                 limits: Limits = Limits(), tick_ms: float = 200.0, seed: int = 0, video_size: int = 80,
-                 delegate: Delegate | None | str = "default", delegate_timeout_s: float = 30.0):
+                 limits: Limits | None = None, tick_ms: float = 200.0, seed: int = 0, video_size: int = 80,
+                 delegate: Delegate | None | str = "default", delegate_timeout_s: float = 30.0, vocoder=None):
         if tick_ms <= 0:
             raise ValueError(f"tick_ms={tick_ms}: the tick period must be positive (200 ms is one micro-turn)")
-        self.engine, self.host, self.port, self.token = engine, host, port, token
+        if vocoder is None:
+            from tml.audio import waveform_from_dmel as vocoder
+        self.engine, self.host, self.port, self.token, self.vocoder = engine, host, port, token, vocoder
+        limits = limits or Limits()
         self.limits = Limits(**{**limits.__dict__, "max_sessions": min(limits.max_sessions, engine.max_sessions)})
         self.tick_s, self.seed, self.video_size = tick_ms / 1000.0, seed, video_size
         self.delegate = Router() if delegate == "default" else delegate
         self.delegate_timeout_s = delegate_timeout_s
         self.stats = Stats()
         self.conns: set[Conn] = set()
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()                       # a tick's appends + tick() stay together
+        self._engine_thread = ThreadPoolExecutor(1, thread_name_prefix="tml-serve-engine")
+        self._vocoder_thread = ThreadPoolExecutor(1, thread_name_prefix="tml-serve-vocoder")
+        self._publishing: deque[asyncio.Task] = deque()  # ticks whose outputs are still being vocoded/sent
         self._tick_task: asyncio.Task | None = None
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -177,8 +209,13 @@ class Server:
         return web.Response(body=static_file(name), content_type=STATIC_TYPES[name])
 
     async def _stats(self, request):
+        free = await self._on_engine(lambda: self.engine.pool.n_free)
         return web.json_response({**self.stats.as_dict(), "live_sessions": sum(c.sid is not None for c in self.conns),
-                                  "free_pages": self.engine.pool.n_free, "connections": len(self.conns)})
+                                  "free_pages": free, "connections": len(self.conns)})
+
+    async def _on_engine(self, fn, *args):
+        """``fn(*args)`` in the engine thread (the only thread that touches the engine)."""
+        return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
 
     # --------------------------------------------------------------- lifecycle
     async def start(self, tick: bool = True) -> str:
@@ -202,13 +239,21 @@ class Server:
                 await self._tick_task
             except asyncio.CancelledError:
                 pass
+        await self._drain_publishing()
         for c in list(self.conns):
             await c.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
         async with self._lock:
             for c in list(self.conns):
-                self._close_session(c)
+                await self._close_session(c)
         if self._runner is not None:
             await self._runner.cleanup()
+        self._engine_thread.shutdown(wait=True)
+        self._vocoder_thread.shutdown(wait=True)
+
+    async def _drain_publishing(self, keep: int = 0) -> None:
+        """Wait until at most ``keep`` ticks are still being published."""
+        while self._publishing and (self._publishing[0].done() or len(self._publishing) > keep):
+            await asyncio.wait([self._publishing.popleft()])
 
     # ------------------------------------------------------------------ sending
     async def _send(self, c: Conn, frame: bytes) -> None:
@@ -225,22 +270,23 @@ class Server:
         await self._send(c, P.error(code, message))
 
     # ----------------------------------------------------------------- sessions
-    def _open_session(self, c: Conn, seed: int | None, context: str, sampling=None) -> int:
+    async def _open_session(self, c: Conn, seed: int | None, context: str, sampling=None) -> int:
         """Under the lock."""
         live = sum(x.sid is not None for x in self.conns)
         if live >= self.limits.max_sessions:
             raise ProtocolError("server_full", f"the server serves max_sessions={self.limits.max_sessions} sessions: "
                                                "try again later, or start it with a larger serve.max_sessions")
-        sid = self.engine.open(seed=self.seed + self.stats.sessions_opened if seed is None else seed,
-                               context=context or None, sampling=sampling)
+        seed = self.seed + self.stats.sessions_opened if seed is None else seed
+        sid = await self._on_engine(lambda: self.engine.open(seed=seed, context=context or None, sampling=sampling))
         c.sid, c.micro_turn = sid, 0
         self.stats.sessions_opened += 1
         return sid
 
-    def _close_session(self, c: Conn) -> None:
+    async def _close_session(self, c: Conn) -> None:
         """Under the lock: the session's pages go back to the pool now."""
         if c.sid is not None:
-            self.engine.close(c.sid)
+            sid, c.sid = c.sid, None
+            await self._on_engine(self.engine.close, sid)
             self.stats.sessions_closed += 1
         c.sid = None
         c.model_text = ""
@@ -274,7 +320,7 @@ class Server:
         finally:
             self.conns.discard(c)
             async with self._lock:
-                self._close_session(c)
+                await self._close_session(c)
         return ws
 
     def _rate_ok(self, c: Conn) -> bool:
@@ -313,7 +359,7 @@ class Server:
                                                     "handshake (the one `tml serve serve.token=...` was started with)")
             sampling = self._sampling(f.value)
             async with self._lock:
-                sid = self._open_session(c, f.value.get("seed"), f.value.get("context", ""), sampling)
+                sid = await self._open_session(c, f.value.get("seed"), f.value.get("context", ""), sampling)
             c.handshaken = True
             await self._send(c, P.encode(Kind.SERVER_HANDSHAKE, {
                 "version": P.VERSION, "session": sid, "sample_rate": P.SAMPLE_RATE, "chunk_samples": P.CHUNK_SAMPLES,
@@ -332,22 +378,34 @@ class Server:
         elif f.kind == Kind.TEXT:
             c.typed.append(f.value)
         elif f.kind == Kind.VIDEO:
-            c.video = decode_image(f.value, self.video_size)
+            if len(c.video) >= MAX_FRAMES_PER_TURN:
+                raise ProtocolError("video_rate", f"{len(c.video)} VIDEO frames already wait for the next AUDIO chunk: "
+                                                  f"a micro-turn takes a frame pair ({MAX_FRAMES_PER_TURN} frames, "
+                                                  "10 fps); frame dropped")
+            frame = await asyncio.to_thread(decode_image, f.value, self.video_size)
+            if c.sid is not None:
+                c.video.append(frame)
+                self.stats.video_frames_received += 1
         elif f.kind == Kind.CONTROL:
             await self._control(c, f.value)
 
     async def _control(self, c: Conn, msg: dict) -> None:
         action = msg["action"]
+        if action == "open" and c.sid is not None:
+            raise ProtocolError("bad_payload", "CONTROL open: a session is already open on this socket; close it first")
+        if action == "rollback" and not 0 <= msg["micro_turn"] <= c.micro_turn + 1:   # +1: a tick may be running
+            raise ProtocolError("bad_payload", f"CONTROL rollback: micro_turn {msg['micro_turn']} is not a served "
+                                               f"micro-turn (0..{c.micro_turn}): roll back to one already served")
         async with self._lock:
             if action == "open":
                 if c.sid is not None:
                     raise ProtocolError("bad_payload", "CONTROL open: a session is already open on this socket; "
                                                        "close it first")
-                self._open_session(c, msg.get("seed"), msg.get("context", "") or "")
+                await self._open_session(c, msg.get("seed"), msg.get("context", "") or "")
                 event = {"event": "opened", "session": c.sid}
             elif action == "close":
                 sid = c.sid
-                self._close_session(c)
+                await self._close_session(c)
                 event = {"event": "closed", "session": sid}
             elif action == "cancel":
                 dropped = len(c.queue)
@@ -357,11 +415,12 @@ class Server:
                 c.drop_input()
                 c.model_text = ""
                 try:
-                    self.engine.rollback(c.sid, msg["micro_turn"])
+                    await self._on_engine(self.engine.rollback, c.sid, msg["micro_turn"])
                 except ValueError as e:
                     raise ProtocolError("bad_payload", f"CONTROL rollback: {e}") from None
                 c.micro_turn = msg["micro_turn"]
                 event = {"event": "rolled_back", "micro_turn": msg["micro_turn"]}
+        await self._drain_publishing()       # the reply after every output of the ticks before it
         await self._send(c, P.encode(Kind.MODEL_EVENT, {"micro_turn": c.micro_turn, **event}))
 
     # -------------------------------------------------------------------- ticks
@@ -369,79 +428,135 @@ class Server:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.tick_s
         while True:
-            await self.tick_once()
+            await self.tick_once(wait=False)
             now = loop.time()
             if now > deadline:
-                self.stats.deadline_misses += 1     # this tick ended past its slot; the next starts now
+                self.stats.deadline_misses += 1     # this tick's engine step ended past its slot; the next starts now
                 deadline = now + self.tick_s
                 await asyncio.sleep(0)
             else:
                 await asyncio.sleep(deadline - now)
                 deadline += self.tick_s
 
-    async def tick_once(self) -> int:
-        """Serve every session with a queued chunk → how many were served."""
+    async def tick_once(self, wait: bool = True) -> int:
+        """Serve every session with a queued chunk → how many were served.
+
+        The appends and ``engine.tick()`` run in the engine thread under the lock; the
+        outputs are then vocoded, encoded and sent by a task outside it. ``wait=False``
+        (the tick loop) returns after the engine step, so the next tick's engine step may
+        overlap this one's publishing; ``wait=True`` (tests) returns after every frame
+        of this tick is sent."""
         from tml.sampler import TurnInputs
 
+        await self._drain_publishing(keep=1)          # at most one earlier tick still publishing
         t_start = time.perf_counter()
-        served: list[tuple[Conn, float]] = []
         async with self._lock:
+            work = []                                 # (conn, session id, inputs, video frames, arrival)
             for c in list(self.conns):
                 if c.sid is None or not c.queue:
                     continue
                 audio, arrived = c.queue.popleft()
-                inputs = TurnInputs(audio=audio, typed="".join(c.typed), video=c.video,
+                frames = list(c.video)
+                video = None if not frames else frames[0] if len(frames) == 1 else np.stack(frames)   # [2, S, S, 3]
+                inputs = TurnInputs(audio=audio, typed="".join(c.typed), video=video,
                                     background="\n".join(c.background))
-                c.typed.clear(), c.background.clear()
-                c.video = None
-                try:
-                    self.engine.append(c.sid, inputs)
-                except (ValueError, RuntimeError) as e:  # capacity, pool exhausted, bad input: this session only
-                    await self._error(c, "refused", f"micro-turn not served: {e}")
-                    continue
-                served.append((c, arrived))
-            if not served:
+                c.typed.clear(), c.background.clear(), c.video.clear()
+                work.append((c, c.sid, inputs, len(frames), arrived))
+            if not work:
                 return 0
             t0 = time.perf_counter()
             try:
-                outs = await asyncio.to_thread(self.engine.tick)
+                outs, refused, engine_ms = await self._on_engine(self._engine_step,
+                                                                 [(sid, inp) for _, sid, inp, _, _ in work])
             except Exception as e:  # noqa: BLE001 -- an engine failure ends the sessions it was serving
-                for c, _ in served:
+                for c, *_ in work:
                     await self._error(c, "engine", f"the engine failed serving this tick ({e!r}); session closed: "
                                                    "send CONTROL open to start again")
-                    self._close_session(c)
+                    await self._close_session(c)
                 return 0
-            engine_ms = 1000 * (time.perf_counter() - t0)
+            served = []
+            for c, sid, _, n_frames, arrived in work:
+                if sid in refused:                    # capacity, pool exhausted, bad input: this session only
+                    await self._error(c, "refused", f"micro-turn not served: {refused[sid]}")
+                elif sid in outs:
+                    c.micro_turn = outs[sid].micro_turn + 1
+                    served.append((c, c.generation, outs[sid], n_frames, t0 - arrived, arrived))
+        if not served:
+            return 0
         self.stats.ticks += 1
         self.stats.tick_ms.append(engine_ms)
-        tick = self.stats.ticks
-        for c, arrived in served:
-            o = outs.get(c.sid) if c.sid is not None else None
-            if o is None:
-                continue
-            c.micro_turn = o.micro_turn + 1
-            self.stats.turns_served += 1
-            if o.waveform is not None and len(o.waveform):
-                await self._send(c, P.encode(Kind.MODEL_AUDIO, o.waveform, micro_turn=o.micro_turn))
-                self.stats.audio_frames_sent += 1
-            if o.text:
-                await self._send(c, P.encode(Kind.MODEL_TEXT, o.text, micro_turn=o.micro_turn))
-            if o.control:
-                await self._send(c, P.encode(Kind.MODEL_EVENT, {"micro_turn": o.micro_turn, "event": "control",
-                                                                "actions": list(o.control)}))
-            c.model_text = (c.model_text + o.text)[-MAX_REQUEST_CHARS:]
-            if "<delegate>" in o.control and self.delegate is not None:
-                request, c.model_text = c.model_text.strip(), ""
-                await self._start_delegation(c, request, o.micro_turn)
-            await self._send(c, P.encode(Kind.TICK, {
-                "micro_turn": o.micro_turn, "tick": tick, "queue_ms": round(1000 * (t0 - arrived), 3),
-                "engine_ms": round(engine_ms, 3), "batch": len(served), "tokens": o.tokens.tolist(),
-                "logprobs": P.logprob_hex(o.logprobs), "forced_end": bool(o.forced_end),
-                "speaking": bool(len(o.speech))}))
-            self.stats.latency_ms.append(1000 * (time.perf_counter() - arrived))
-        self.stats.loop_ms.append(1000 * (time.perf_counter() - t_start))
+        self.stats.turns_served += len(served)
+        self.stats.video_turns_served += sum(s[3] > 0 for s in served)
+        prev = self._publishing[-1] if self._publishing else None
+        task = asyncio.create_task(self._publish(served, self.stats.ticks, engine_ms, t_start, prev))
+        self._publishing.append(task)
+        if wait:
+            await asyncio.wait([task])
         return len(served)
 
+    def _engine_step(self, work: list) -> tuple[dict, dict, float]:
+        """Engine thread: append each (session id, TurnInputs), then one ``tick()`` →
+        (outputs by session id, refused {session id: reason}, the tick's wall ms)."""
+        refused = {}
+        for sid, inputs in work:
+            try:
+                self.engine.append(sid, inputs)
+            except (ValueError, RuntimeError) as e:
+                refused[sid] = str(e)
+        if len(refused) == len(work):
+            return {}, refused, 0.0
+        t = time.perf_counter()
+        outs = self.engine.tick()
+        return outs, refused, 1000 * (time.perf_counter() - t)
+
+    def _frames(self, o, tick: int, engine_ms: float, batch: int, n_frames: int, queue_ms: float) -> list[bytes]:
+        """Vocoder thread: one session's frames of one micro-turn (its speech vocoded
+        unless the engine did), TICK last."""
+        t = time.perf_counter()
+        wave = o.waveform
+        if wave is None and len(o.speech):
+            wave = self.vocoder(o.speech)
+        vocoder_ms = 1000 * (time.perf_counter() - t)
+        out = []
+        if wave is not None and len(wave):
+            out.append(P.encode(Kind.MODEL_AUDIO, wave, micro_turn=o.micro_turn))
+        if o.text:
+            out.append(P.encode(Kind.MODEL_TEXT, o.text, micro_turn=o.micro_turn))
+        if o.control:
+            out.append(P.encode(Kind.MODEL_EVENT, {"micro_turn": o.micro_turn, "event": "control",
+                                                   "actions": list(o.control)}))
+        out.append(P.encode(Kind.TICK, {
+            "micro_turn": o.micro_turn, "tick": tick, "queue_ms": round(queue_ms * 1000, 3),
+            "engine_ms": round(engine_ms, 3), "vocoder_ms": round(vocoder_ms, 3), "batch": batch,
+            "tokens": o.tokens.tolist(), "logprobs": P.logprob_hex(o.logprobs), "forced_end": bool(o.forced_end),
+            "speaking": bool(len(o.speech)), "video": n_frames}))
+        return out
+
+    async def _publish(self, served: list, tick: int, engine_ms: float, t_start: float, prev) -> None:
+        """Vocode, encode and send one tick's outputs, session by session; a session's
+        frames wait for the previous tick's publishing (``prev``), so they stay in order."""
+        loop = asyncio.get_running_loop()
+        try:
+            for c, generation, o, n_frames, queue_s, arrived in served:
+                frames = await loop.run_in_executor(self._vocoder_thread, self._frames, o, tick, engine_ms,
+                                                    len(served), n_frames, queue_s)
+                if prev is not None:
+                    await asyncio.wait([prev])
+                    prev = None
+                for frame in frames[:-1]:
+                    await self._send(c, frame)
+                    self.stats.audio_frames_sent += frame[0] == Kind.MODEL_AUDIO
+                if c.generation == generation and c.sid is not None:   # not closed / rolled back meanwhile
+                    c.model_text = (c.model_text + o.text)[-MAX_REQUEST_CHARS:]
+                    if "<delegate>" in o.control and self.delegate is not None:
+                        request, c.model_text = c.model_text.strip(), ""
+                        await self._start_delegation(c, request, o.micro_turn)
+                await self._send(c, frames[-1])
+                self.stats.latency_ms.append(1000 * (time.perf_counter() - arrived))
+        except Exception:  # a failed publish must not end the tick loop
+            self.stats.publish_errors += 1
+            log.exception("tml serve: publishing tick %d failed", tick)
+        self.stats.loop_ms.append(1000 * (time.perf_counter() - t_start))
 
     async def _start_delegation(self, c: Conn, request: str, micro_turn: int) -> None:
         """Start the background task; its result joins the session's next chunk as
