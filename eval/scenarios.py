@@ -414,8 +414,10 @@ def scalars(result: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
-def score(ref: Reference, outputs: Sequence[MicroTurnOutput]) -> list[dict[str, Any]]:
-    """Every task of ``ref`` on a policy's outputs: ``[{"task", "window": [t0, t1], **scalars}]``.
+def score(ref: Reference, outputs: Sequence[MicroTurnOutput], *, credit: bool = False) -> list[dict[str, Any]]:
+    """Every task of ``ref`` on a policy's outputs: ``[{"task", "window": [t0, t1], **scalars}]``;
+    ``credit=True`` also keeps each scorer's per-micro-turn ``credit`` (floats [t1 - t0],
+    window-local; absent for scorers that give none).
 
     Raises SampleError (naming the sample) if the outputs or a window are malformed.
     """
@@ -428,4 +430,6 @@ def score(ref: Reference, outputs: Sequence[MicroTurnOutput]) -> list[dict[str, 
         except (TimelineError, ValueError) as e:
             raise SampleError(f"{ref.sample_id}: task {task.name} (micro-turns {task.t0}..{task.t1}): {e}") from e
         rows.append({"task": task.name, "window": [task.t0, task.t1], **scalars(result)})
+        if credit and isinstance(result, Mapping) and result.get("credit") is not None:
+            rows[-1]["credit"] = [float(x) for x in result["credit"]]
     return rows

@@ -10,6 +10,15 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class EngineMeshConfig:
+    """Where the engine runs (:mod:`tml.rl.distributed`): ``tensor`` > 1 serves it
+    tensor-parallel on devices of its own, not the learner's."""
+
+    tensor: int = 1                      # engine TP degree; 1 = the learner's device (one process)
+    algorithm: str = "one_shot"          # row-parallel reduction: one_shot | two_shot (same bits)
+
+
+@dataclass
 class RLConfig:
     init_checkpoint: str = "runs/tiny"   # what `make run` writes (run dir, checkpoints/ or step dir); none = fresh
     run_dir: str = "runs/rl"             # metrics.jsonl, checkpoints/
@@ -24,6 +33,13 @@ class RLConfig:
     top_p: float = 1.0
     max_output_tokens: int = 12          # per-micro-turn output budget, <end> included
     rewards: dict[str, float] = field(default_factory=lambda: {"turn_taking_tor": 1.0, "pause_tor": 1.0})
+    episode_seconds: float = 0.0         # > 0: minutes-long episodes, conversations back to back (tml.rl.user)
+    user_reacts: bool = True             # long episodes: the user stops when talked over, repeats ignored questions
+    user_stop_after: int = 2             # micro-turns of the model speaking over the user before they stop (0 = never)
+    user_repeat_after_s: float = 2.0     # an ignored question is asked again after this silence (0 = never)
+    user_max_repeats: int = 1            # per question
+    credit: str = "episode"              # episode (one advantage per episode) | micro_turn (the scorers' events)
+    credit_radius: int = 3               # micro_turn: micro-turns either side of a scorer's credited micro-turn
     advantage: str = "grpo"              # grpo | drgrpo
     std_normalize: bool = True           # grpo only
     aggregation: str = "token_mean"      # token_mean | seq_mean_token_mean | seq_sum_const (drgrpo's)
@@ -36,6 +52,8 @@ class RLConfig:
     clip_norm: float = 1.0
     save_every: int = 0                  # checkpoint every N steps (0: at the end only); SIGTERM saves too
     wandb_mode: str = "disabled"         # offline | online | disabled
+    engine_mesh: EngineMeshConfig = field(default_factory=EngineMeshConfig)
+    check_push: bool = False             # after every push, log engine/push_bitwise (sha256 of the engine's weights == the learner's)
 
 
-__all__ = ["RLConfig"]
+__all__ = ["EngineMeshConfig", "RLConfig"]

@@ -8,6 +8,16 @@ micro-turn from the generated conversation (its audio, video, typed and backgrou
 text, as ``tml eval`` feeds it: :func:`tml.eval.run.prepare`); it does not react to the
 model (an interrupted user does not stop, an ignored question is not asked again).
 
+**Minutes-long episodes** (``rl.episode_seconds > 0``): an episode is a
+:class:`~tml.rl.user.LongScript` — conversations ``counter, counter + 1, ...`` of the
+scenario played back to back (1 s of room noise between them) until the script lasts
+``rl.episode_seconds`` — and each of the group's episodes is played by its own
+:class:`~tml.rl.user.ReactiveUser` (``rl.user_reacts``): the user stops when the model
+talks over them and asks an ignored question again, so the episodes of a group share
+the script, not necessarily every input, and each is scored on the reference of what its
+user actually said (:meth:`~tml.rl.user.ReactiveUser.reference`). ``rl.max_micro_turns``
+does not cut those.
+
 Indices start at :data:`RL_INDEX_OFFSET` = 3 * 10**9: disjoint from the training corpus
 (< 10**9 + eval split) and from the evaluation scenarios (2 * 10**9 + k,
 :data:`tml.eval.scenarios.HELD_OUT_INDEX_OFFSET`), so ``tml eval`` after RL still scores
@@ -26,6 +36,7 @@ import zlib
 from dataclasses import dataclass
 
 from tml.eval.scenarios import HELD_OUT_INDEX_OFFSET, Reference
+from tml.rl.user import Reactions
 from tml.sampler.session import TurnInputs
 
 RL_INDEX_OFFSET = 3_000_000_000
@@ -44,12 +55,13 @@ class EpisodeInputs:
 
 @dataclass
 class Group:
-    """One scenario's G episodes: the shared reference and the episodes."""
+    """One scenario's G episodes: the shared reference and the episodes (a long group:
+    ``ref`` None, each :class:`~tml.rl.user.LongEpisode` is scored on its user's)."""
 
     scenario: str
     index: int
-    ref: Reference
-    episodes: list[EpisodeInputs]
+    ref: Reference | None
+    episodes: list
 
 
 def cut_reference(ref: Reference, n: int) -> Reference | None:
@@ -77,16 +89,54 @@ def make_group(scenario: str, seed: int, counter: int, group_size: int, max_micr
     ref = cut_reference(p.ref, max_micro_turns)
     if ref is None:
         return None, f"{p.sample_id}: no task ends within {max_micro_turns} micro-turns", counter + 1
-    inputs = [TurnInputs(audio=x.audio, video=x.video, typed=x.typed, background=x.background)
-              for x in p.sample.inputs()][:ref.n_micro_turns]
+    inputs = _turn_inputs(p)[:ref.n_micro_turns]
     episodes = [EpisodeInputs(f"{p.sample_id}/g{g}", episode_seed(seed, p.sample_id, g), inputs)
                 for g in range(group_size)]
     return Group(scenario, p.index, ref, episodes), None, counter + 1
 
 
+def _turn_inputs(p) -> list[TurnInputs]:
+    return [TurnInputs(audio=x.audio, video=x.video, typed=x.typed, background=x.background)
+            for x in p.sample.inputs()]
+
+
+GAP_MICRO_TURNS = 5   # room noise between two conversations of a long script (1 s)
+
+
+def make_long_group(scenario: str, seed: int, counter: int, group_size: int, seconds: float,
+                    reactions: Reactions | None) -> tuple[Group | None, list[str], int]:
+    """Conversations ``counter, counter + 1, ...`` of ``scenario`` back to back until the
+    script lasts ``seconds`` (module docstring) → (group, skipped conversations, next
+    counter). ``reactions`` None: the user does not react (a replay of the script)."""
+    from tml.eval.run import prepare
+    from tml.rl.user import LongEpisode, LongScript, Reactions, segment_of
+
+    segments, skipped, first = [], [], counter
+    target = round(seconds * 5)
+    while True:
+        for _ in range(MAX_SKIPS):
+            p = prepare(scenario, seed, RL_INDEX_OFFSET - HELD_OUT_INDEX_OFFSET + counter)
+            counter += 1
+            if p.error is None:
+                break
+            skipped.append(p.error)
+        else:
+            return None, skipped, counter
+        segments.append(segment_of(p.ref, _turn_inputs(p)))
+        script = LongScript(f"{scenario}-long-s{seed}-{first}", scenario, segments, GAP_MICRO_TURNS)
+        if script.n_micro_turns >= target:
+            break
+    rules = reactions if reactions is not None else Reactions(stop_after=0, repeat_after_s=0.0)
+    episodes = [LongEpisode(f"{script.name}/g{g}", episode_seed(seed, script.name, g), script, rules)
+                for g in range(group_size)]
+    return Group(scenario, first, None, episodes), skipped, counter
+
+
 def step_groups(scenarios: list[str], seed: int, counters: dict[str, int], group_size: int,
-                max_micro_turns: int) -> tuple[list[Group], list[str], dict[str, int]]:
-    """One group per scenario → (groups, skipped conversations with reasons, new counters)."""
+                max_micro_turns: int, *, episode_seconds: float = 0.0, reactions: Reactions | None = None
+                ) -> tuple[list[Group], list[str], dict[str, int]]:
+    """One group per scenario → (groups, skipped conversations with reasons, new counters);
+    ``episode_seconds > 0``: minutes-long groups (:func:`make_long_group`)."""
     from tml.data_pipelines.scenarios import SCENARIOS
 
     unknown = sorted(set(scenarios) - set(SCENARIOS))
@@ -95,6 +145,15 @@ def step_groups(scenarios: list[str], seed: int, counters: dict[str, int], group
     counters = dict(counters)
     groups, skipped = [], []
     for sc in scenarios:
+        if episode_seconds > 0:
+            g, why, counters[sc] = make_long_group(sc, seed, counters.get(sc, 0), group_size, episode_seconds,
+                                                   reactions)
+            skipped += why
+            if g is None:
+                raise ValueError(f"rl.scenarios: {MAX_SKIPS} {sc} conversations in a row could not be generated "
+                                 f"({why[-1]})")
+            groups.append(g)
+            continue
         for _ in range(MAX_SKIPS):
             g, why, counters[sc] = make_group(sc, seed, counters.get(sc, 0), group_size, max_micro_turns)
             if g is not None:
@@ -107,4 +166,5 @@ def step_groups(scenarios: list[str], seed: int, counters: dict[str, int], group
     return groups, skipped, counters
 
 
-__all__ = ["EpisodeInputs", "Group", "RL_INDEX_OFFSET", "cut_reference", "episode_seed", "make_group", "step_groups"]
+__all__ = ["GAP_MICRO_TURNS", "RL_INDEX_OFFSET", "EpisodeInputs", "Group", "cut_reference", "episode_seed",
+           "make_group", "make_long_group", "step_groups"]

@@ -14,8 +14,9 @@ For a batch of played episodes (:class:`tml.rl.rollout.Episode`):
    (:func:`tml.sampler.score.pad_rows`: same length bucket, same patch bucket), so the
    gradient is taken through the program that produced the old log-probs. The action
    mask [B, L-1] is the sampled slots (index ``p - 1`` predicts slot ``p``).
-3. **Loss** (:mod:`tml.rl.objectives`): PPO-clip on ``exp(logp - old)`` with the
-   episode's group advantage on every one of its tokens, optionally weighted by
+3. **Loss** (:mod:`tml.rl.objectives`): PPO-clip on ``exp(logp - old)`` with each
+   token's advantage (:func:`token_advantages`: the episode's group advantage, or the
+   advantages of the scorers' events around the token's micro-turn), optionally weighted by
    truncated IS of trainer vs sampler log-probs, plus ``kl_coef`` × k3 KL to the frozen
    initial policy (its log-probs from ``score`` as well). AdamW
    (:func:`tml.train.optim.make_optimizer`, constant learning rate, no weight decay).
@@ -54,7 +55,8 @@ def optimizer_for(c: RLConfig) -> optax.GradientTransformation:
 class Prepared:
     """One update's inputs (host arrays): ``batch`` the padded rows; ``mask``, ``sampler``,
     ``old``, ``ref`` float32 [B, L-1] (action slots; the engine's, the current trainer's and
-    the reference's log-probs there); ``advantages`` [B]; ``drift`` the mismatch metrics."""
+    the reference's log-probs there); ``advantages`` float32 [B, L-1] (each action's,
+    :func:`token_advantages`); ``drift`` the mismatch metrics."""
 
     batch: dict
     mask: np.ndarray
@@ -74,6 +76,53 @@ def advantages_of(episodes: list[Episode], c: RLConfig) -> np.ndarray:
         r = jnp.asarray([[episodes[i].reward for i in idx]], jnp.float32)
         adv[idx] = np.asarray(obj.group_advantages(r, estimator=c.advantage, std_normalize=c.std_normalize))[0]
     return adv
+
+
+def micro_turn_advantages(episodes: list[Episode], c: RLConfig) -> list[np.ndarray]:
+    """Per-micro-turn credit (``rl.credit=micro_turn``) → per episode float32 [n micro-turns].
+
+    Each task row's share of the reward (:func:`tml.rl.rewards.task_shares`) gets a group
+    baseline among the group's episodes that have the same task (``Episode.keys``):
+    ``a = share - mean(shares)``, divided (``grpo`` with ``std_normalize``) by the root
+    mean square of every such difference in the group (+1e-6; a group whose shares all
+    agree gets 0). Every micro-turn of the task's region (:func:`tml.rl.rewards.credit_region`,
+    ``rl.credit_radius``) gets ``a``; micro-turns in several regions get the sum, in none 0."""
+    from tml.rl.rewards import credit_region, task_shares
+
+    out = [np.zeros(len(e.outputs), np.float32) for e in episodes]
+    weights = dict(c.rewards)
+    for g in sorted({e.group for e in episodes}):
+        idx = [i for i, e in enumerate(episodes) if e.group == g]
+        shares = {i: dict(zip(episodes[i].keys, task_shares(episodes[i].rows, weights))) for i in idx}
+        keys = sorted({k for i in idx for k in shares[i]}, key=repr)
+        diff = {}
+        for k in keys:
+            have = [i for i in idx if k in shares[i]]
+            mean = float(np.mean([shares[i][k] for i in have]))
+            for i in have:
+                diff[(i, k)] = shares[i][k] - mean
+        scale = 1.0
+        if c.advantage == "grpo" and c.std_normalize:
+            scale = float(np.sqrt(np.mean(np.square(list(diff.values()))))) + obj.STD_EPS if diff else 1.0
+        for i in idx:
+            e = episodes[i]
+            for k, row in zip(e.keys, e.rows):
+                region, _ = credit_region(row, c.credit_radius)
+                t0, t1 = row["window"]
+                out[i][t0:t1][region] += diff[(i, k)] / scale
+    return out
+
+
+def token_advantages(episodes: list[Episode], c: RLConfig, positions: list[np.ndarray], shape) -> np.ndarray:
+    """float32 ``shape`` [B, L-1]: each sampled token's advantage at its action slot —
+    the episode's (``rl.credit=episode``, :func:`advantages_of`) or its micro-turn's
+    (``micro_turn``, :func:`micro_turn_advantages`)."""
+    if c.credit == "episode":
+        adv = advantages_of(episodes, c)
+        return _at_slots([np.full(len(p), a, np.float32) for a, p in zip(adv, positions)], positions, shape)
+    per_mt = micro_turn_advantages(episodes, c)
+    rows = [np.repeat(a, [len(o.positions) for o in e.outputs]) for a, e in zip(per_mt, episodes)]
+    return _at_slots(rows, positions, shape)
 
 
 def _at_slots(rows: list[np.ndarray], positions: list[np.ndarray], shape) -> np.ndarray:
@@ -104,7 +153,7 @@ def prepare(model, ref_model, episodes: list[Episode], c: RLConfig) -> Prepared:
     else:
         ref = np.zeros(shape, np.float32)
     return Prepared(batch, mask, _at_slots(sam, pos, shape), _at_slots(tra, pos, shape), ref,
-                    advantages_of(episodes, c), drift, int(sum(len(p) for p in pos)))
+                    token_advantages(episodes, c, pos, shape), drift, int(sum(len(p) for p in pos)))
 
 
 _UPDATES: list[tuple[object, tuple, object]] = []  # (graphdef, loss fields, jitted update): one per run config
@@ -112,7 +161,7 @@ _UPDATES: list[tuple[object, tuple, object]] = []  # (graphdef, loss fields, jit
 
 def _loss_key(c: RLConfig) -> tuple:
     return (c.clip_eps, c.clip_eps_high, c.tis_cap, c.kl_coef, c.aggregation, c.max_output_tokens,
-            c.max_micro_turns, c.lr, c.clip_norm)
+            c.max_micro_turns, c.episode_seconds, c.lr, c.clip_norm)
 
 
 def make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation):
@@ -130,7 +179,8 @@ def _make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation):
     """→ jitted ``update(params, rest, opt_state, batch, mask, sampler, old, ref, adv)`` →
     (params, opt_state, metrics). One full-batch gradient step; recompiles only for a new
     row-length bucket (and kernel mode)."""
-    constant = float(c.max_output_tokens * max(c.max_micro_turns, 1))
+    micro_turns = round(c.episode_seconds * 5) if c.episode_seconds > 0 else max(c.max_micro_turns, 1)
+    constant = float(c.max_output_tokens * micro_turns)
 
     def loss_fn(params, rest, batch, mask, sampler, old, ref, adv):
         out = nnx.merge(graphdef, params, rest)(batch)
@@ -148,6 +198,8 @@ def _make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation):
         ent = jnp.where(lp["speech_mask"], ent_sp.sum(-1), ent_text)
         aux = {"rl/pg_loss": loss, "rl/clip_fraction": obj.masked_mean(clipped, mask),
                "rl/ratio_mean": obj.masked_mean(ratio, mask), "rl/entropy": obj.masked_mean(ent, mask),
+               "rl/ratio_min": jnp.min(jnp.where(mask > 0, ratio, jnp.inf)),
+               "rl/ratio_max": jnp.max(jnp.where(mask > 0, ratio, -jnp.inf)),
                "rl/kl_ref": obj.masked_mean(kl, mask) if c.kl_coef > 0 else jnp.float32(0.0)}
         return loss, aux
 
@@ -177,4 +229,5 @@ def learn(update, params, rest, opt_state, p: Prepared, c: RLConfig):
     return params, opt_state, metrics
 
 
-__all__ = ["Prepared", "advantages_of", "learn", "make_update", "optimizer_for", "prepare"]
+__all__ = ["Prepared", "advantages_of", "learn", "make_update", "micro_turn_advantages", "optimizer_for", "prepare",
+           "token_advantages"]

@@ -42,9 +42,11 @@ from tml.rl.episodes import step_groups
 from tml.rl.learner import learn, make_update, optimizer_for, prepare
 from tml.rl.rewards import check_weights
 from tml.rl.rollout import make_engine, play
+from tml.rl.user import Reactions
 
 log = logging.getLogger(__name__)
 MODES = ("batch_invariant", "standard")
+CREDITS = ("episode", "micro_turn")
 
 
 def validate(c: RLConfig) -> None:
@@ -66,6 +68,12 @@ def validate(c: RLConfig) -> None:
         problems.append(f"rl.steps must be >= 0 and rl.ppo_epochs >= 1, got {c.steps}, {c.ppo_epochs}")
     if c.tis_cap < 0 or c.kl_coef < 0:
         problems.append(f"rl.tis_cap and rl.kl_coef must be >= 0, got {c.tis_cap}, {c.kl_coef}")
+    if c.credit not in CREDITS or c.credit_radius < 0:
+        problems.append(f"rl.credit={c.credit!r}, rl.credit_radius={c.credit_radius}: choose one of {CREDITS} and a "
+                        "radius >= 0")
+    if c.episode_seconds < 0 or c.user_stop_after < 0 or c.user_repeat_after_s < 0 or c.user_max_repeats < 0:
+        problems.append("rl.episode_seconds, rl.user_stop_after, rl.user_repeat_after_s and rl.user_max_repeats "
+                        "must be >= 0")
     if problems:
         raise ValueError("invalid rl config: " + "; ".join(problems))
     check_weights(c.rewards)
@@ -107,7 +115,7 @@ def _canonical(state):
 
 def canonical(tree):
     """:func:`_canonical` for any pytree (e.g. weights before ``Engine.set_params``)."""
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # the learner's device (tml.rl.distributed.place)
     return jax.tree_util.tree_map(lambda x: jax.device_put(jnp.asarray(np.asarray(x)), dev), tree)
 
 
@@ -121,9 +129,18 @@ def run(cfg) -> list[dict]:
     from tml.train.preemption import install_preemption_handler
     from tml.train.state import TrainState
 
+    from tml.rl import distributed as dist
+    from tml.sampler.snapshot import weights_digest
+    from tml.train.distributed import init_distributed
+
     logging.getLogger("absl").setLevel(logging.WARNING)
     c: RLConfig = cfg.rl
     validate(c)
+    init_distributed(getattr(cfg, "distributed", None))  # two processes: learner (0) + engine (1)
+    placement = dist.place(c)
+    if placement.role == "engine":
+        return dist.serve_engine(cfg, placement)
+    remote = dist.RemoteEngine(c) if placement.remote else None
     weights = check_weights(c.rewards)
     run_dir = Path(c.run_dir)
     init = _pinned_init(run_dir, c.init_checkpoint)
@@ -134,8 +151,10 @@ def run(cfg) -> list[dict]:
     state = TrainState.create(params, rest, tx.init(params), jax.random.key(c.seed))
     counters: dict[str, int] = {}
     ckpt = Checkpointer(run_dir / "checkpoints", model_config=cfg.model, async_save=False, keep_last=2)
+    if remote:
+        remote.start(restore=ckpt.latest_step() is not None)
     if ckpt.latest_step() is not None:
-        state, data = state.restore(ckpt)
+        state, data = dist.restore_state(ckpt, state) if remote else state.restore(ckpt)
         counters = dict((data or {}).get("counters", {}))
         print(f"tml rl: resuming {run_dir} at step {state.step}")
     state = _canonical(state)
@@ -144,26 +163,40 @@ def run(cfg) -> list[dict]:
     def save():
         s = holder["state"]
         if s.step not in ckpt.all_steps():
-            s.save(ckpt, data_state={"counters": holder["counters"]}, wait=True)
+            if remote:
+                remote.save(s, holder["counters"], ckpt)
+            else:
+                s.save(ckpt, data_state={"counters": holder["counters"]}, wait=True)
 
     records = []
+    reactions = Reactions(c.user_stop_after, c.user_repeat_after_s, c.user_max_repeats) if c.user_reacts else None
     n_sessions = len(c.scenarios) * c.group_size
     logger = MetricsLogger(run_dir, wandb=WandbConfig(mode=c.wandb_mode), config=cfg, total_steps=c.steps,
                            start_step=state.step, progress_bar=False)
     handler = install_preemption_handler(save)
     try:
         with kernels.kernel_mode(c.kernel_mode):
-            engine = make_engine(nnx.merge(graphdef, state.params, state.rest), n_sessions,
-                                 max_context=c.max_context, temperature=c.temperature, top_p=c.top_p,
-                                 max_output_tokens=c.max_output_tokens)
+            if remote:
+                engine, ack = None, remote.push(nnx.split(nnx.merge(graphdef, state.params, state.rest))[1])
+            elif placement.engine is None:
+                engine = make_engine(nnx.merge(graphdef, state.params, state.rest), n_sessions,
+                                     max_context=c.max_context, temperature=c.temperature, top_p=c.top_p,
+                                     max_output_tokens=c.max_output_tokens)
+            else:  # tensor-parallel on devices of its own
+                engine = dist.make_engine(nnx.merge(graphdef, state.params, state.rest), n_sessions, c, placement)
             update = make_update(graphdef, c, tx)
             while holder["state"].step < c.steps:
-                handler.check()
+                remote.check(handler) if remote else handler.check()
                 state = holder["state"]
                 t0 = time.perf_counter()
                 groups, skipped, new_counters = step_groups(list(c.scenarios), c.seed, holder["counters"],
-                                                            c.group_size, c.max_micro_turns)
-                episodes, dropped = play(engine, groups, weights)
+                                                            c.group_size, c.max_micro_turns,
+                                                            episode_seconds=c.episode_seconds, reactions=reactions)
+                if remote:
+                    episodes, dropped, compiled = remote.play(groups)
+                else:
+                    episodes, dropped = play(engine, groups, weights)
+                    compiled = engine.compiled_programs()
                 if not episodes:
                     raise RuntimeError(f"step {state.step}: every episode was dropped ({dropped}): check "
                                        "rl.max_context and the scenarios")
@@ -171,10 +204,15 @@ def run(cfg) -> list[dict]:
                 p = prepare(nnx.merge(graphdef, state.params, state.rest), ref_model, episodes, c)
                 t2 = time.perf_counter()
                 params, opt_state, m = learn(update, state.params, state.rest, state.opt_state, p, c)
-                compiled = engine.compiled_programs()
                 t3 = time.perf_counter()
-                engine.set_params(nnx.merge(graphdef, params, state.rest))
-                jax.block_until_ready(engine.state)
+                new = nnx.split(nnx.merge(graphdef, params, state.rest))[1]
+                if remote:
+                    ack = remote.push(new)
+                else:
+                    engine.set_params(new)
+                    jax.block_until_ready(engine.state)
+                    ack = {"compiled_programs": engine.compiled_programs(),
+                           "digest": engine.weights_digest() if c.check_push else None}
                 push = time.perf_counter() - t3
                 holder["state"] = TrainState.create(params, state.rest, opt_state, state.rng, state.step + 1)
                 holder["counters"] = new_counters
@@ -186,9 +224,14 @@ def run(cfg) -> list[dict]:
                            "episodes": len(episodes), "episodes_dropped": len(dropped),
                            "conversations_skipped": len(skipped), "tokens": p.tokens,
                            "micro_turns": int(sum(len(e.turns) for e in episodes)),
+                           "episode/seconds_mean": float(np.mean([len(e.turns) for e in episodes])) / 5,
+                           "user/stopped": sum(r["kind"] == "stopped" for e in episodes for r in e.reactions),
+                           "user/repeated": sum(r["kind"] == "repeated" for e in episodes for r in e.reactions),
                            "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/push_s": push,
                            "engine/compiled_programs": compiled,
-                           "engine/compiled_programs_after_push": engine.compiled_programs()}
+                           "engine/compiled_programs_after_push": ack["compiled_programs"]}
+                if c.check_push:  # the engine holds the learner's bits (sha256 of every weight's raw bytes)
+                    metrics["engine/push_bitwise"] = float(ack["digest"] == weights_digest(new))
                 records.append(logger.log(holder["state"].step, metrics))
                 print(f"tml rl step {holder['state'].step}: reward {metrics['reward/mean']:.3f} "
                       f"bitwise_equal {metrics['mismatch/bitwise_equal_fraction']:.4f} "
@@ -196,6 +239,8 @@ def run(cfg) -> list[dict]:
                 if c.save_every and holder["state"].step % c.save_every == 0:
                     save()
         save()
+        if remote:
+            remote.stop()
     finally:
         handler.uninstall()
         logger.close()

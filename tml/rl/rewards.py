@@ -26,8 +26,20 @@ reward                     task                     value        sign
 
 An episode's reward is ``sum_name weight * sign * mean(values)`` over its tasks of that
 name whose value is defined (a latency is ``None`` when TOR = 0, FD-bench's rule); a
-reward with no defined value in the episode adds 0. Per-micro-turn credit (the scorers'
-``credit`` lists) is not used yet: every token of an episode gets the episode's advantage.
+reward with no defined value in the episode adds 0.
+
+**Per-micro-turn credit** (``rl.credit=micro_turn``). Task row ``i`` of an episode adds
+``share_i = sum_name weight * sign * value_i / m_name`` to the episode's reward (``m_name``
+the episode's defined values of that name; the shares sum to the reward). Its **region**
+(:func:`credit_region`) is where that share is earned: a scorer that localises its event
+returns a per-micro-turn ``credit`` list (turn-taking and interruption: the micro-turns
+from the reference time to the response onset, or the reference time when no turn was
+taken; pause handling and background takeover: the micro-turns the model's words start
+in; CueSpeak / TimeSpeak: the response or the cue) and the region is its non-zero
+micro-turns widened by ``rl.credit_radius`` on each side, inside the task's window; a
+scorer with one number per window (backchannel, RepCount, a pause held in silence:
+all-zero credit) spreads it over its whole window. :func:`tml.rl.learner.token_advantages`
+turns the shares into per-token advantages.
 """
 
 from __future__ import annotations
@@ -83,4 +95,31 @@ def episode_reward(rows: Sequence[Mapping[str, Any]], weights: Mapping[str, floa
     return float(sum(w * values.get(name, 0.0) for name, w in weights.items())), values
 
 
-__all__ = ["REWARDS", "check_weights", "episode_reward", "reward_values"]
+def task_shares(rows: Sequence[Mapping[str, Any]], weights: Mapping[str, float]) -> list[float]:
+    """Each task row's share of :func:`episode_reward` (module docstring); they sum to it."""
+    shares = [0.0] * len(rows)
+    for name, w in weights.items():
+        task, key, sign = REWARDS[name]
+        idx = [i for i, r in enumerate(rows) if r["task"] == task and r.get(key) is not None]
+        for i in idx:
+            shares[i] += w * sign * float(rows[i][key]) / len(idx)
+    return shares
+
+
+def credit_region(row: Mapping[str, Any], radius: int) -> tuple[np.ndarray, bool]:
+    """A scored row (``tml.eval.scenarios.score(..., credit=True)``) → (bool [t1 - t0]
+    micro-turns of its window its share is earned in, whether the scorer localised it)."""
+    t0, t1 = row["window"]
+    credit = np.asarray(row.get("credit") or [], np.float64)
+    if credit.size and np.any(credit != 0):
+        if credit.size != t1 - t0:
+            raise ValueError(f"task {row['task']}: {credit.size} credit values for a window of {t1 - t0} micro-turns")
+        hit = np.flatnonzero(credit != 0)
+        region = np.zeros(t1 - t0, bool)
+        for t in hit:
+            region[max(0, t - radius):t + radius + 1] = True
+        return region, True
+    return np.ones(t1 - t0, bool), False
+
+
+__all__ = ["REWARDS", "check_weights", "credit_region", "episode_reward", "reward_values", "task_shares"]

@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class Episode:
     """One played episode: its group, the engine's outputs and committed turns, its scored
-    task rows, reward and the signed reward values it is made of."""
+    task rows (with the scorers' ``credit``), reward and the signed reward values it is
+    made of; ``keys`` names each row's task the same way in every episode of the group
+    (the task index, or (segment, task, repeat) of a long script); ``reactions`` what
+    its user did (:class:`tml.rl.user.ReactiveUser`)."""
 
     group: int
     name: str
@@ -41,6 +44,8 @@ class Episode:
     rows: list[dict[str, Any]] = field(default_factory=list)
     reward: float = 0.0
     values: dict[str, float] = field(default_factory=dict)
+    keys: list = field(default_factory=list)
+    reactions: list[dict] = field(default_factory=list)
 
 
 def make_engine(model, n_sessions: int, *, max_context: int, temperature: float, top_p: float,
@@ -55,19 +60,35 @@ def eval_outputs(outputs: list[TurnOutput]) -> list[MicroTurnOutput]:
     return [MicroTurnOutput(o.text_bytes, len(o.speech) > 0, tuple(o.control)) for o in outputs]
 
 
-def kv_needed(e: EpisodeInputs, max_output_tokens: int) -> int:
+def kv_needed(e, max_output_tokens: int) -> int:
     """KV slots an episode can need: its inputs laid out by the one layout function plus
-    the whole output budget in every micro-turn."""
+    the whole output budget in every micro-turn (a long episode: every question repeated
+    as often as its user may, :meth:`tml.rl.user.LongScript.max_micro_turns`)."""
     from tml.audio import HOP_LENGTH
     from tml.sampler.session import check_inputs
     from tml.stream import MicroTurn, layout
 
+    inputs = e.inputs if hasattr(e, "inputs") else _upper_bound_inputs(e)
     tail, n = np.zeros(HOP_LENGTH, np.float32), 0
-    for t, x in enumerate(e.inputs):
+    for t, x in enumerate(inputs):
         bins, p, tail = check_inputs(x, tail)
         turn = MicroTurn(user_audio=bins, video=p, typed=x.typed, background=x.background)
         n += len(layout([turn], outputs=False, first_micro_turn=t, first_position=n)) + max_output_tokens
     return n
+
+
+def _upper_bound_inputs(e) -> list:
+    """A long episode's inputs with each question's micro-turns repeated as often as allowed."""
+    from tml.rl.user import _mt
+
+    out = []
+    for k, s in enumerate(e.script.segments):
+        out += [s.inputs[0]] * (e.script.gap if k else 0) + list(s.inputs)
+        if e.reactions.repeat_after_s > 0:
+            for q in s.questions:
+                a, b = s.utterances[q]
+                out += s.inputs[_mt(a):_mt(b) + 1] * e.reactions.max_repeats
+    return out
 
 
 def serve(engine: Engine, episodes: list[EpisodeInputs]) -> tuple[dict[str, list[TurnOutput]], dict[str, list]]:
@@ -100,7 +121,12 @@ def play(engine: Engine, groups: list[Group], weights: dict[str, float]) -> tupl
         gi = owner[e.name]
         ep = Episode(gi, e.name, outputs[e.name], turns[e.name])
         try:
-            ep.rows = score(groups[gi].ref, eval_outputs(ep.outputs))
+            if groups[gi].ref is not None:
+                ref, ep.keys = groups[gi].ref, list(range(len(groups[gi].ref.tasks)))
+            else:
+                ref = e.user.reference()
+                ep.keys, ep.reactions = [tuple(k) for k in ref.meta["task_keys"]], list(e.user.reactions)
+            ep.rows = score(ref, eval_outputs(ep.outputs), credit=True)
         except SampleError as err:
             log.warning("dropping episode %s: %s", e.name, err)
             dropped.append(f"{e.name}: {err}")
