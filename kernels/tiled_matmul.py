@@ -75,9 +75,17 @@ def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: 
     In the 2-D case the whole chunks run as one GEMM batched over the chunk index (``w``
     reshaped to [C, k_chunk, N], no copy of the weights) — the same per-chunk GEMMs,
     fewer weight copies than slicing.
+
+    More than :data:`UNROLLED_CHUNKS` whole chunks (a long contraction: the weight
+    gradient ``x.T @ dy`` sums over every row of the batch, 8,192 chunks for 4M rows) run
+    as a ``fori_loop`` over the chunks (:func:`_looped_chunks`), the same per-chunk GEMMs
+    added in the same order, bitwise equal (``tests/kernels/test_matmul_long_k.py``); unrolled,
+    the trace and the HLO grow with the row count.
     """
     x, w = upcast(x), upcast(w)
     K = x.shape[-1]
+    if K // k_chunk > UNROLLED_CHUNKS:
+        return _looped_chunks(x, w, k_chunk, batched=batched)
     parts = []
     if not batched and K >= 2 * k_chunk:
         n_full = K // k_chunk
@@ -101,6 +109,39 @@ def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: 
     acc = parts[0]
     for part in parts[1:]:  # left to right (a list of differently shaped slices' products)
         acc = acc + part
+    return acc
+
+
+# Whole K chunks up to which chunked_dot writes one GEMM per chunk into the program; above
+# it, one GEMM in a loop body (trace and HLO size then independent of the contraction).
+UNROLLED_CHUNKS = 16
+
+
+def _looped_chunks(x: jax.Array, w: jax.Array, k_chunk: int, *, batched: bool) -> jax.Array:
+    """:func:`chunked_dot` (float32 operands) as a loop: x [M, K] @ w [K, N] -> [M, N] or
+    x [B, M, K] @ w [B, K, N] -> [B, M, N].
+
+    ``acc = P_0``, then ``acc = acc + P_c`` for the whole chunks ``c = 1 .. C-1`` in a
+    ``fori_loop`` (``P_c`` = the GEMM of contraction slice ``[c·k_chunk, (c+1)·k_chunk)``,
+    dynamic slices of the operands), then ``acc + P_rest`` for a shorter last chunk:
+    the unrolled chain's GEMMs and adds in its order.
+    """
+    K = x.shape[-1]
+    n_full = K // k_chunk
+    dims = (((2,), (1,)), ((0,), (0,))) if batched else (((1,), (0,)), ((), ()))
+
+    def product(xs, ws):
+        return lax.dot_general(xs, ws, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+    def chunk(c):
+        xs = lax.dynamic_slice_in_dim(x, c * k_chunk, k_chunk, axis=x.ndim - 1)
+        ws = lax.dynamic_slice_in_dim(w, c * k_chunk, k_chunk, axis=w.ndim - 2)
+        return product(xs, ws)
+
+    acc = lax.fori_loop(1, n_full, lambda c, a: a + chunk(c), product(x[..., :k_chunk], w[..., :k_chunk, :]))
+    kf = n_full * k_chunk
+    if kf < K:
+        acc = acc + product(x[..., kf:], w[..., kf:, :])
     return acc
 
 
