@@ -137,7 +137,7 @@ def load_model(model_cfg, checkpoint: str | None, seed: int = 0):
     level = absl.level
     absl.setLevel(logging.WARNING)
     try:
-        ckpt = Checkpointer(ckpt_dir, model_config=model_cfg, async_save=False)
+        ckpt = Checkpointer.open_read_only(ckpt_dir, model_config=model_cfg)  # a trainer may be saving there
         try:
             step = ckpt.latest_step() if step is None else step
             check_model_config(ckpt_dir, step, ckpt.read_meta(step), model_cfg)  # before building anything

@@ -410,3 +410,48 @@ def test_sigterm_in_a_training_subprocess_saves_a_final_checkpoint(tmp_path):
     for i, g in enumerate(got):
         assert np.array_equal(g, saved[f"a{i}"])
     assert r.data_state == {"epoch": 0, "shard_pos": 0, "sample_pos": final_step, "piece_pos": 0}
+
+
+def _tree(d: Path) -> dict:
+    """Every path under ``d`` → (size, mtime_ns), directories included."""
+    return {str(p.relative_to(d)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.rglob("*"))}
+
+
+def test_read_only_reader_leaves_an_unfinished_save_alone(tmp_path, monkeypatch):
+    """A trainer's save of step 2 not yet committed (Orbax's own ``2.orbax-checkpoint-tmp``,
+    every item written, the rename not done: here the commit is made to fail) while a reader
+    opens the directory: the read-only Checkpointer lists and restores step 1 bit for bit,
+    refuses to save, and leaves every file as it was, the tmp save included; a writable
+    Checkpointer opened the same way (what every reader did before) deletes the tmp save
+    within a second — the hazard read-only opening exists for."""
+    from orbax.checkpoint._src.path import atomicity
+
+    async def not_yet(tmp_dir, **kw):
+        raise OSError(errno.EIO, "commit held back by the test")
+
+    with Checkpointer(tmp_path, keep_last=5, async_save=False) as ck:
+        ck.save(1, model=_state(1), wait=True)
+        monkeypatch.setattr(atomicity, "on_commit_callback", not_yet)
+        with pytest.raises(CheckpointSaveError):
+            ck.save(2, model=_state(2), wait=True)
+        monkeypatch.undo()
+    tmp = tmp_path / "2.orbax-checkpoint-tmp"
+    assert (tmp / "model").is_dir() and (tmp / "_CHECKPOINT_METADATA").exists()
+    before = _tree(tmp_path)
+    with Checkpointer.open_read_only(tmp_path) as reader:
+        assert reader.all_steps() == [1] and reader.latest_step() == 1
+        r = reader.restore(model={"w": jax.ShapeDtypeStruct((4,), jnp.float32)})
+        assert_bitwise_equal(r.model, _state(1))
+        with pytest.raises(CheckpointSaveError, match="read-only"):
+            reader.save(3, model=_state(3))
+        time.sleep(1.0)                     # a writable opening's background cleanup is done by now
+    assert _tree(tmp_path) == before
+    with pytest.raises(NoCheckpointError, match="no checkpoint directory"):
+        Checkpointer.open_read_only(tmp_path / "absent")
+    assert not (tmp_path / "absent").exists()
+    with Checkpointer(tmp_path, keep_last=5):
+        for _ in range(40):
+            if not tmp.exists():
+                break
+            time.sleep(0.05)
+        assert not tmp.exists()

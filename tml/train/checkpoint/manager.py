@@ -12,6 +12,13 @@ its first save).
 **Async.** ``save`` returns once the arrays are copied off the device buffers (so the caller
 may donate or overwrite them); files are written in a background thread. A background
 failure is raised by the next ``save``, ``wait_until_finished`` or ``close``.
+
+**Readers.** Opening a directory for writing cleans up unfinished ``*.orbax-checkpoint-tmp``
+saves, which, while a trainer is still saving there, are *its* save in progress. Every
+reader of another process's run (``tml eval``/``serve``/``divergence``/``rl`` loading
+weights, :func:`tml.eval.checkpoint.load_model`) therefore opens with
+:meth:`Checkpointer.open_read_only` (``read_only=True``): Orbax's read-only manager, no
+cleanup, no directory or metadata created, no async thread, and ``save`` refused.
 """
 
 from __future__ import annotations
@@ -82,11 +89,16 @@ class Checkpointer:
         best_mode: str = "min",
         async_save: bool = True,
         config_prefix: str = "model",
+        read_only: bool = False,
     ):
         import orbax.checkpoint as ocp
 
         retention = retention_options(keep_last, keep_best, best_metric, best_mode)
         self.directory = Path(directory).absolute()
+        self.read_only = read_only
+        if read_only and not self.directory.is_dir():
+            raise NoCheckpointError(f"no checkpoint directory {self.directory} to read: pass the checkpoints "
+                                    "directory a training run wrote (its checkpoint.dir)")
         self.model_config = config_to_dict(model_config)
         self.fingerprint = config_fingerprint(model_config)
         self.best_metric, self.best_mode = best_metric, best_mode
@@ -95,10 +107,14 @@ class Checkpointer:
         self._directory_checked = False
         self._pending_step: int | None = None
 
+        if read_only:  # Orbax would drop these itself (with a warning each); a reader keeps every step
+            retention = {**{k: v for k, v in retention.items() if k != "preservation_policy"},
+                         "save_interval_steps": 0}
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
+            enable_async_checkpointing=async_save and not read_only,
+            cleanup_tmp_directories=not read_only,
+            create=not read_only,
+            read_only=read_only,
             **retention,
         )
         self._ocp = ocp
@@ -116,6 +132,23 @@ class Checkpointer:
         return cls(directory, model_config=model_config, keep_last=cfg.keep_last,
                    keep_best=cfg.keep_best, best_metric=cfg.best_metric, best_mode=cfg.best_mode,
                    async_save=cfg.async_save)
+
+    @classmethod
+    def open_read_only(cls, directory: str | os.PathLike, *, model_config: Any = None,
+                       config_prefix: str = "model") -> Checkpointer:
+        """A reader of ``directory`` that never writes, never deletes and never cleans up
+        another process's unfinished save (see *Readers* in the module docstring):
+        queries and :meth:`restore` as usual; :meth:`save` raises :class:`CheckpointSaveError`."""
+        import logging
+
+        absl = logging.getLogger("absl")   # Orbax warns "Given directory is read only" at every opening
+        level = absl.level
+        absl.setLevel(max(level, logging.ERROR))
+        try:
+            return cls(directory, model_config=model_config, async_save=False, config_prefix=config_prefix,
+                       read_only=True)
+        finally:
+            absl.setLevel(level)
 
     # ------------------------------------------------------------------ queries
 
@@ -171,6 +204,10 @@ class Checkpointer:
         """
         ocp = self._ocp
         step = int(step)
+        if self.read_only:
+            raise CheckpointSaveError(f"cannot save step {step}: {self.directory} was opened read-only "
+                                      "(Checkpointer.open_read_only, for readers of a run another process may "
+                                      "be writing); open it with Checkpointer(...) in the one process that owns it")
         if not self._directory_checked:
             self._check_directory_config()
         self._wait_previous()
