@@ -92,7 +92,7 @@ def _pinned_init(run_dir: Path, init: str) -> str:
     else:
         ckpt_dir, step = resolve(init)
         if step is None:
-            c = Checkpointer(ckpt_dir, async_save=False)
+            c = Checkpointer.open_read_only(ckpt_dir)  # another run's checkpoints: never clean its saves
             step = c.latest_step()
             c.close()
         resolved = str(ckpt_dir / str(step))
