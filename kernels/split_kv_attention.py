@@ -59,9 +59,22 @@ bit for bit those of the unblocked path; ``dk``/``dv`` are summed per query bloc
 then over the blocks left to right, and equal the unskipped version bit for bit
 (``tests/kernels/test_attention_skipping.py``). Measured (XLA:CPU, 2 cores, see
 ``kernels/README.md``): the ``small`` sliding-window layer (1024 keys, window 256)
-visits 70 of 256 pairs. Not skipped yet: splits before a packed segment's first slot
-(segment boundaries are data; those splits are computed and are no-ops). Explicit
-``q_positions`` (prefill chunks, decode against a contiguous cache) visit every split.
+visits 70 of 256 pairs.
+
+Within the static plan, the pairs with **no visible key in the data** (segment
+boundaries of a packed row, padding) are not computed either, forward and backward, by
+the same rule: :func:`visited_pairs` tests each (block, split) pair's whole mask from the
+segment ids (exact for any ids, not only contiguous runs) and compacts each row's
+visited pairs in plan order; a ``fori_loop`` whose trip count is data-dependent (the
+largest row's count / ``PAIRS_PER_STEP``) computes ``PAIRS_PER_STEP`` pairs per row per
+step, in one batched GEMM per product as before, and scatters them into the plan's
+per-pair buffers, whose unvisited entries hold the fully masked split's values
+(``c_s = NEG, l_s = 0, o_s = 0``; zero gradient parts); the folds are unchanged. Every
+output and gradient keeps its bits (``tests/kernels/test_attention_skipping.py``:
+raw-bit equal to computing every pair of the plan, for any chunk size). The Pallas
+forward (``impl="pallas"``) still visits every split (its backward is this one).
+Explicit ``q_positions`` (prefill chunks, decode against a contiguous cache) visit
+every split.
 
 The backward pass is a ``custom_vjp`` over the same splits (flash-attention style
 recomputation of ``p`` from the saved ``(c, l)``): ``dq`` per query is summed over
@@ -222,85 +235,215 @@ def _pair_scores(qp, kp):
                            preferred_element_type=jnp.float32)
 
 
-def blocked_forward(L: Layout, plan: BlockPlan, causal: bool, window: int | None, split_size: int):
-    """The reference forward over the plan's pairs only (rows padded to whole query
-    blocks) -> (out [B,H,Rb,Dv], c, l [B,H,Rb,1]); bit for bit :func:`reference_forward`."""
-    B, H, Rb, _ = L.qs.shape
-    nQB = plan.by_block.shape[0]
-    qp, kp, vp, mask = _pair_views(L, plan, split_size, causal, window)
-    c_s, l_s, o_s = split_partials(_pair_scores(qp, kp), mask, vp)  # [B, H, nP, QBr, 1|Dv]
-    c_s, l_s, o_s = _with_dummy(c_s, NEG), _with_dummy(l_s, 0), _with_dummy(o_s, 0)
-    state = init_state((B, H, nQB, Rb // nQB), L.v.shape[-1])
+def _fold_blocks(parts, plan: BlockPlan, rows: int):
+    """Fold each block's pairs left to right. parts: (c_s, l_s [B,H,nP+1,QBr,1], o_s
+    [B,H,nP+1,QBr,Dv]), slot nP the fully masked dummy -> (out [B,H,rows,Dv], c, l [B,H,rows,1])."""
+    c_s, l_s, o_s = parts
+    B, H, _, QBr, Dv = o_s.shape
+    state = init_state((B, H, plan.by_block.shape[0], QBr), Dv)
     for m in range(plan.by_block.shape[1]):  # each block's m-th split, left to right
         idx = jnp.asarray(plan.by_block[:, m])
         state = combine(state, c_s[:, :, idx], l_s[:, :, idx], o_s[:, :, idx])
     out, c, l = finalize(state)
-    return out.reshape(B, H, Rb, -1), c.reshape(B, H, Rb, 1), l.reshape(B, H, Rb, 1)
+    return out.reshape(B, H, rows, -1), c.reshape(B, H, rows, 1), l.reshape(B, H, rows, 1)
 
 
-def _blocked_backward(L: Layout, plan: BlockPlan, causal, window, split_size, out, c, l, dout):
-    """The backward over the plan's pairs: dq per block summed over its splits left to
-    right, dk/dv per split summed over its visiting blocks left to right."""
-    B, H, Rb, D = L.qs.shape
-    nQB, QBr = plan.by_block.shape[0], Rb // plan.by_block.shape[0]
-    pb = jnp.asarray(plan.pair_block)
+def blocked_forward(L: Layout, plan: BlockPlan, causal: bool, window: int | None, split_size: int):
+    """The reference forward over the plan's pairs only (rows padded to whole query
+    blocks) -> (out [B,H,Rb,Dv], c, l [B,H,Rb,1]); bit for bit :func:`reference_forward`."""
     qp, kp, vp, mask = _pair_views(L, plan, split_size, causal, window)
+    c_s, l_s, o_s = split_partials(_pair_scores(qp, kp), mask, vp)  # [B, H, nP, QBr, 1|Dv]
+    parts = _with_dummy(c_s, NEG), _with_dummy(l_s, 0), _with_dummy(o_s, 0)
+    return _fold_blocks(parts, plan, L.qs.shape[2])
+
+
+def _pair_grads(qp, kp, vp, mask, c_p, rl_p, di_p, do_p):
+    """One pair's gradient parts (batch dims [B, H, n]): q [.., QBr, D], k [.., S, D],
+    v [.., S, Dv], mask [.., QBr, S]; the block's saved shift c, 1/l, di = rowsum(do * out)
+    [.., QBr, 1] and do [.., QBr, Dv] -> dq_p [.., QBr, D], dk_p [.., S, D], dv_p [.., S, Dv]."""
     s = _pair_scores(qp, kp)
-    blocks = lambda x: x.reshape(B, H, nQB, QBr, x.shape[-1])[:, :, pb]  # noqa: E731
-    do = dout.astype(jnp.float32)
-    rl = 1.0 / jnp.where(l > 0, l, 1.0)
-    p = jnp.where(mask, jnp.exp2(s - blocks(c)) * blocks(rl), 0.0)  # [B, H, nP, QBr, S]
-    di = blocks(pairwise_sum(do * out, -1, keepdims=True))
-    dob = blocks(do)
+    p = jnp.where(mask, jnp.exp2(s - c_p) * rl_p, 0.0)  # softmax probabilities [.., QBr, S]
     batch = ((0, 1, 2), (0, 1, 2))
-    dv_p = lax.dot_general(p, dob, (((3,), (3,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
-    dp = lax.dot_general(dob, vp, (((4,), (4,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
-    ds = p * (dp - di) * LN2  # gradient w.r.t. the base-2 scores
+    dv_p = lax.dot_general(p, do_p, (((3,), (3,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
+    dp = lax.dot_general(do_p, vp, (((4,), (4,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
+    ds = p * (dp - di_p) * LN2  # gradient w.r.t. the base-2 scores
     dq_p = lax.dot_general(ds, kp, (((4,), (3,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
     dk_p = lax.dot_general(ds, qp, (((3,), (3,)), batch), precision=_HIGHEST, preferred_element_type=jnp.float32)
+    return dq_p, dk_p, dv_p
 
-    def fold(parts, index):  # parts [B,H,nP,...] -> [B,H,len(index),...], columns added left to right
-        parts = _with_dummy(parts, 0)
+
+def _backward_inputs(out, l, dout):
+    """do = dout f32, 1/l (1 where l = 0), di = pairwise rowsum(do * out) [B,H,R,1]."""
+    do = dout.astype(jnp.float32)
+    rl = 1.0 / jnp.where(l > 0, l, 1.0)
+    return do, rl, pairwise_sum(do * out, -1, keepdims=True)
+
+
+def _fold_grads(parts, plan: BlockPlan, L: Layout):
+    """dq per block summed over its splits left to right, dk/dv per split summed over its
+    visiting blocks left to right. parts: dq_p [B,H,nP+1,QBr,D], dk_p, dv_p [B,H,nP+1,S,D|Dv]
+    (slot nP zero: the dummy pair) -> dq [B,H,Rb,D], dk [B,H,Tkp,D], dv [B,H,Tkp,Dv]."""
+    def fold(parts, index):  # parts [B,H,nP+1,...] -> [B,H,len(index),...], columns added left to right
         acc = parts[:, :, jnp.asarray(index[:, 0])]
         for m in range(1, index.shape[1]):
             acc = acc + parts[:, :, jnp.asarray(index[:, m])]
         return acc
 
-    dq = fold(dq_p, plan.by_block).reshape(B, H, Rb, D)
-    dk = fold(dk_p, plan.by_split).reshape(L.k.shape)
-    dv = fold(dv_p, plan.by_split).reshape(L.v.shape)
-    return dq, dk, dv
+    dq_p, dk_p, dv_p = parts
+    dq = fold(dq_p, plan.by_block).reshape(L.qs.shape)
+    return dq, fold(dk_p, plan.by_split).reshape(L.k.shape), fold(dv_p, plan.by_split).reshape(L.v.shape)
 
 
-def _forward(L: Layout, causal, window, split_size, impl, plan=None):
+def _blocked_backward(L: Layout, plan: BlockPlan, causal, window, split_size, out, c, l, dout):
+    """The backward over every pair of the static plan (see :func:`_fold_grads`)."""
+    B, H, Rb, _ = L.qs.shape
+    nQB, QBr = plan.by_block.shape[0], Rb // plan.by_block.shape[0]
+    pb = jnp.asarray(plan.pair_block)
+    qp, kp, vp, mask = _pair_views(L, plan, split_size, causal, window)
+    blocks = lambda x: x.reshape(B, H, nQB, QBr, x.shape[-1])[:, :, pb]
+    do, rl, di = _backward_inputs(out, l, dout)
+    parts = _pair_grads(qp, kp, vp, mask, blocks(c), blocks(rl), blocks(di), blocks(do))
+    return _fold_grads(tuple(_with_dummy(x, 0) for x in parts), plan, L)
+
+
+# -- skipping splits by the data: segment boundaries and padding ---------------------------
+
+PAIRS_PER_STEP = 16  # visited (block, split) pairs computed per loop iteration (per row); no bits depend on it
+
+
+def visited_pairs(L: Layout, plan: BlockPlan, causal: bool, window: int | None, split_size: int):
+    """The static plan's pairs whose split holds a key visible to some query of the
+    block (same segment, causal, window), per row, in plan order.
+
+    -> work [B, nP] int32: row b's visited pair indices first (ascending), then nP;
+    count [B] int32: how many. Exact for any segment ids (not only contiguous runs):
+    a pair is dropped only when its whole (QUERY_BLOCK x split) mask is false."""
+    B, Rb = L.q_pos.shape
+    nQB, nP, S = plan.by_block.shape[0], len(plan.pair_block), split_size
+    QBr, nS = Rb // nQB, L.kv_seg.shape[1] // S
+    pb, ps = jnp.asarray(plan.pair_block), jnp.asarray(plan.pair_split)
+    q_pos = L.q_pos.reshape(B, nQB, QBr)[:, pb][:, :, :, None]  # [B, nP, QBr, 1]
+    q_seg = L.q_seg.reshape(B, nQB, QBr)[:, pb][:, :, :, None]
+    kv_idx = (ps[:, None] * S + jnp.arange(S, dtype=jnp.int32)[None, :])[None, :, None, :]  # [1, nP, 1, S]
+    kv_seg = L.kv_seg.reshape(B, nS, S)[:, ps][:, :, None, :]  # [B, nP, 1, S]
+    hit = jnp.any(visible(q_pos, q_seg, kv_idx, kv_seg, causal, window), axis=(2, 3))  # [B, nP]
+    dest = jnp.where(hit, jnp.cumsum(hit, axis=1, dtype=jnp.int32) - 1, nP)
+    pairs = jnp.arange(nP, dtype=jnp.int32)
+    work = jax.vmap(lambda d: jnp.full((nP,), nP, jnp.int32).at[d].set(pairs, mode="drop"))(dest)
+    return work, jnp.sum(hit, axis=1, dtype=jnp.int32)
+
+
+def _take(x, idx, axis):
+    """Per row: x [B, ...] (indexed along ``axis`` >= 1), idx [B, K] -> axis replaced by K."""
+    return jax.vmap(lambda xb, ib: jnp.take(xb, ib, axis=axis - 1, mode="clip"))(x, idx)
+
+
+def _put(buf, dest, val):
+    """Per row: buf [B, H, n, ...] gets val [B, H, K, ...] at dest [B, K] (out of range: dropped)."""
+    return jax.vmap(lambda b, d, v: b.at[:, d].set(v, mode="drop"))(buf, dest, val)
+
+
+def _over_visited_pairs(L: Layout, plan: BlockPlan, causal, window, split_size, pair_fn, bufs,
+                        chunk: int | None = None):
+    """Compute ``pair_fn`` on the visited pairs only, ``chunk`` per row per step of a
+    ``fori_loop`` whose trip count is the largest row's visited count / chunk (dynamic);
+    each output [B, H, K, ...] lands in ``bufs`` [B, H, nP+1, ...] at its plan index, so
+    unvisited pairs keep the buffer's initial value (the fully masked split's).
+
+    ``pair_fn(qp [B,H,K,QBr,D], kp [B,H,K,S,D], vp [B,H,K,S,Dv], mask [B,1,K,QBr,S],
+    block [B,K]) -> tuple of [B,H,K,...]`` (the same views as :func:`_pair_views`)."""
+    B, H, Rb, D = L.qs.shape
+    nQB, nP, S = plan.by_block.shape[0], len(plan.pair_block), split_size
+    QBr, nS, Dv = Rb // nQB, L.k.shape[2] // S, L.v.shape[-1]
+    work, count = visited_pairs(L, plan, causal, window, split_size)
+    K = max(1, min(int(PAIRS_PER_STEP if chunk is None else chunk), nP))
+    work = pad_axis(work, 1, round_up(nP, K), nP)
+    pb = jnp.asarray(np.append(plan.pair_block, 0).astype(np.int32))  # entry nP: a valid stand-in
+    ps = jnp.asarray(np.append(plan.pair_split, 0).astype(np.int32))
+    q_blocks = L.qs.reshape(B, H, nQB, QBr, D)
+    k_splits, v_splits = L.k.reshape(B, H, nS, S, D), L.v.reshape(B, H, nS, S, Dv)
+    q_pos, q_seg = L.q_pos.reshape(B, nQB, QBr), L.q_seg.reshape(B, nQB, QBr)
+    kv_seg = L.kv_seg.reshape(B, nS, S)
+
+    def body(t, bufs):
+        w = lax.dynamic_slice_in_dim(work, t * K, K, axis=1)  # [B, K]
+        blk, spl = pb[w], ps[w]
+        qp, kp, vp = _take(q_blocks, blk, 2), _take(k_splits, spl, 2), _take(v_splits, spl, 2)
+        kv_idx = (spl[:, :, None] * S + jnp.arange(S, dtype=jnp.int32))[:, None, :, None, :]
+        mask = visible(_take(q_pos, blk, 1)[:, None, :, :, None], _take(q_seg, blk, 1)[:, None, :, :, None],
+                       kv_idx, _take(kv_seg, spl, 1)[:, None, :, None, :], causal, window)
+        dest = jnp.where(w < nP, w, nP + 1)
+        return tuple(_put(b, dest, o) for b, o in zip(bufs, pair_fn(qp, kp, vp, mask, blk)))
+
+    return lax.fori_loop(0, (jnp.max(count) + K - 1) // K, body, tuple(bufs))
+
+
+def skipping_forward(L: Layout, plan: BlockPlan, causal, window, split_size, chunk: int | None = None):
+    """:func:`blocked_forward` computing only the pairs with a visible key
+    (:func:`visited_pairs`); the others keep the fully masked split's partials
+    (c_s = NEG, l_s = 0, o_s = 0), so the fold gives the same bits."""
+    B, H, Rb, _ = L.qs.shape
+    nP, QBr, Dv = len(plan.pair_block), Rb // plan.by_block.shape[0], L.v.shape[-1]
+    bufs = (jnp.full((B, H, nP + 1, QBr, 1), NEG, jnp.float32), jnp.zeros((B, H, nP + 1, QBr, 1), jnp.float32),
+            jnp.zeros((B, H, nP + 1, QBr, Dv), jnp.float32))
+    parts = _over_visited_pairs(L, plan, causal, window, split_size,
+                                lambda qp, kp, vp, mask, blk: split_partials(_pair_scores(qp, kp), mask, vp),
+                                bufs, chunk)
+    return _fold_blocks(parts, plan, Rb)
+
+
+def skipping_backward(L: Layout, plan: BlockPlan, causal, window, split_size, out, c, l, dout,
+                      chunk: int | None = None):
+    """:func:`_blocked_backward` computing only the pairs with a visible key; the others
+    contribute exactly zero to dq, dk and dv."""
+    B, H, Rb, D = L.qs.shape
+    nQB, nP, S = plan.by_block.shape[0], len(plan.pair_block), split_size
+    QBr, Dv = Rb // nQB, L.v.shape[-1]
+    do, rl, di = _backward_inputs(out, l, dout)
+    per_block = [x.reshape(B, H, nQB, QBr, x.shape[-1]) for x in (c, rl, di, do)]
+
+    def pair_fn(qp, kp, vp, mask, blk):
+        return _pair_grads(qp, kp, vp, mask, *(_take(x, blk, 2) for x in per_block))
+
+    bufs = tuple(jnp.zeros((B, H, nP + 1, n, d), jnp.float32) for n, d in ((QBr, D), (S, D), (S, Dv)))
+    return _fold_grads(_over_visited_pairs(L, plan, causal, window, split_size, pair_fn, bufs, chunk), plan, L)
+
+
+def _forward(L: Layout, causal, window, split_size, impl, plan=None, data_skip=False):
     if impl == "pallas":
         return attention_forward(L, causal=causal, window=window, split_size=split_size)
     if plan is not None:
+        if data_skip:
+            return skipping_forward(L, plan, causal, window, split_size)
         return blocked_forward(L, plan, causal, window, split_size)
     return reference_forward(L, causal, window, split_size)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def _bi_attention(L: Layout, causal, window, split_size, impl, plan_key=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5, 6))
+def _bi_attention(L: Layout, causal, window, split_size, impl, plan_key=None, data_skip=True):
     """out [B, H, R, Dv] f32; differentiable in ``L.qs``, ``L.k``, ``L.v`` (the int32
     fields get no cotangent). ``plan_key``: the :func:`block_plan` arguments of a full
-    row (rows padded to whole query blocks), or ``None`` (every split)."""
-    return _forward(L, causal, window, split_size, impl, _plan(plan_key))[0]
+    row (rows padded to whole query blocks), or ``None`` (every split). ``data_skip``
+    (with a plan): also skip the plan's pairs without a visible key in this data
+    (segment boundaries, padding; :func:`visited_pairs`); False computes every pair of
+    the static plan (the previous computation, which the tests compare against)."""
+    return _forward(L, causal, window, split_size, impl, _plan(plan_key), data_skip)[0]
 
 
 def _plan(plan_key):
     return None if plan_key is None else block_plan(*plan_key)
 
 
-def _bi_attention_fwd(L: Layout, causal, window, split_size, impl, plan_key=None):
-    out, c, l = _forward(L, causal, window, split_size, impl, _plan(plan_key))
+def _bi_attention_fwd(L: Layout, causal, window, split_size, impl, plan_key=None, data_skip=True):
+    out, c, l = _forward(L, causal, window, split_size, impl, _plan(plan_key), data_skip)
     return out, (L, out, c, l)
 
 
-def _bi_attention_bwd(causal, window, split_size, impl, plan_key, res, dout):
+def _bi_attention_bwd(causal, window, split_size, impl, plan_key, data_skip, res, dout):
     L, out, c, l = res
     if plan_key is not None:
-        dq, dk, dv = _blocked_backward(L, _plan(plan_key), causal, window, split_size, out, c, l, dout)
+        backward = skipping_backward if data_skip else _blocked_backward
+        dq, dk, dv = backward(L, _plan(plan_key), causal, window, split_size, out, c, l, dout)
         return (L._replace(qs=dq, k=dk, v=dv, q_pos=None, q_seg=None, kv_seg=None),)
     nS, k5, v5, mask = _split_views(L, split_size, causal, window)
     B, H, R, D = L.qs.shape
@@ -366,7 +509,7 @@ def attention(
     L = prepare(q, k, v, q_positions, q_segment_ids, kv_segment_ids, kv_lengths, scale, split_size)
     plan_key = None
     if q_positions is None:  # a full row (queries on the last Tq slots): skip splits statically
-        B, Tq, Hq, _ = q.shape
+        _, Tq, Hq, _ = q.shape
         G = Hq // k.shape[2]
         L = _pad_rows(L, round_up(max(Tq, 1), QUERY_BLOCK) * G)
         plan_key = (Tq, k.shape[1] - Tq, L.k.shape[2], bool(causal), window, int(split_size), True)

@@ -1,8 +1,10 @@
 """Training rows visit only the splits with visible keys: the static block plan (causal,
 sliding window), and the forward and every gradient (dq, dk, dv) bit for bit equal to
 the unskipped version (every block against every split); forward and dq also equal the
-unblocked path (explicit query positions). The ``standard`` companion: dense attention
-over only the keys a block can see differs from the full row in its bits."""
+unblocked path (explicit query positions). Within the plan, the pairs without a visible
+key in the data (segment boundaries, padding) are not computed either, with the same
+bits as computing every pair of the plan. The ``standard`` companions: dense attention
+over only the keys a block (or a segment) can see differs from the full row in its bits."""
 
 import functools
 
@@ -11,8 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tml.kernels import attention
+from tml.kernels import split_kv_attention as ska
 from tml.kernels.split_kv import prepare, unprepare
-from tml.kernels.split_kv_attention import QUERY_BLOCK, _bi_attention, _pad_rows, block_plan
+from tml.kernels.split_kv_attention import (
+    QUERY_BLOCK,
+    _bi_attention,
+    _pad_rows,
+    block_plan,
+    visited_pairs,
+)
 from tml.kernels.testing import assert_bits_equal, bits_equal
 from tml.kernels.tiling import round_up
 
@@ -47,16 +56,21 @@ def _problem(seed, packed):
     return q, k, v, jnp.asarray(seg), dout
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "window", "skip"))
-def _out_and_grads(q, k, v, seg, dout, causal, window, skip):
+def _out_and_grads_fn(q, k, v, seg, dout, causal, window, skip, data_skip=False):
+    T = q.shape[1]
+
     def f(q, k, v):
         L = prepare(q, k, v, None, seg, seg, None, D**-0.5, 64)
         L = _pad_rows(L, round_up(T, QUERY_BLOCK) * G)
-        out = _bi_attention(L, causal, window, 64, "reference", (T, 0, L.k.shape[2], causal, window, 64, skip))
+        out = _bi_attention(L, causal, window, 64, "reference", (T, 0, L.k.shape[2], causal, window, 64, skip),
+                            data_skip)
         return unprepare(out, q.shape, q.dtype)
 
     out, vjp = jax.vjp(f, q, k, v)
     return (out, *vjp(dout))
+
+
+_out_and_grads = jax.jit(_out_and_grads_fn, static_argnames=("causal", "window", "skip", "data_skip"))
 
 
 @pytest.mark.parametrize("causal,window,packed", [(True, None, True), (True, 50, False), (False, 70, True)])
@@ -120,3 +134,82 @@ def test_pallas_query_block_is_a_constant(flavour):
         q_block = call.params["grid_mapping"].block_mappings[3].block_shape  # qs [B, H, rows, D]
         sizes.append(getattr(q_block[2], "block_size", q_block[2]))
     assert sizes == [BLOCK_Q] * 3, sizes
+
+
+# -- pairs without a visible key in the data: segment boundaries and padding -----------
+
+TP = 330  # 6 query blocks, 6 splits (the last partly past the row)
+
+
+def _packed(seed):
+    """Rows packed with several segments and trailing padding (segment 0), segments
+    starting on and off split boundaries; a third row of one segment with no padding."""
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((3, TP, HKV * G, D)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, TP, HKV, D)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((3, TP, HKV, D)), jnp.float32)
+    seg = np.zeros((3, TP), np.int32)
+    seg[0, :70], seg[0, 70:200], seg[0, 200:260] = 1, 2, 3  # 260.. padding
+    seg[1, :128], seg[1, 128:256], seg[1, 256:300] = 4, 5, 6
+    seg[2] = 7
+    dout = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    return q, k, v, jnp.asarray(seg), dout
+
+
+def test_visited_pairs_are_exactly_the_pairs_with_a_visible_key():
+    _, _, _, seg, _ = _packed(0)
+    seg_np = np.asarray(seg)
+    for causal, window in ((True, None), (True, 100), (False, 90)):
+        q = jnp.zeros((3, TP, HKV * G, D))
+        k = jnp.zeros((3, TP, HKV, D))
+        L = _pad_rows(prepare(q, k, k, None, seg, seg, None, 1.0, 64), round_up(TP, QUERY_BLOCK) * G)
+        plan = block_plan(TP, 0, L.k.shape[2], causal, window, 64)
+        work, count = (np.asarray(x) for x in jax.jit(
+            lambda L, plan=plan, causal=causal, window=window: visited_pairs(L, plan, causal, window, 64))(L))
+        n_pairs = len(plan.pair_block)
+        for b in range(3):  # brute force: any (query of the block, key of the split) visible
+            t = np.arange(TP)
+            vis = seg_np[b][:, None] == seg_np[b][None, :]
+            vis &= (t[None, :] <= t[:, None]) if causal else True
+            if window is not None:
+                vis &= np.abs(t[:, None] - t[None, :]) < window
+            want = [p for p in range(n_pairs) if vis[plan.pair_block[p] * 64:(plan.pair_block[p] + 1) * 64,
+                                                       plan.pair_split[p] * 64:(plan.pair_split[p] + 1) * 64].any()]
+            assert count[b] == len(want) and work[b, :len(want)].tolist() == want
+            assert (work[b, len(want):] == n_pairs).all()
+        assert count[0] < n_pairs and count[1] < n_pairs  # segment boundaries and padding skip pairs
+    # causal, row 1 (segments on split boundaries): each block sees only its own segment's splits
+    assert count.tolist()[1] < count.tolist()[2]
+
+
+@pytest.mark.parametrize("causal,window", [(True, None), (True, 100), (False, 90)])
+def test_segment_skipping_changes_no_bits_forward_and_gradients(causal, window, monkeypatch):
+    """Raw bits of out, dq, dk, dv: computing only the pairs with a visible key == every
+    pair of the static plan (the previous computation), for several loop chunk sizes."""
+    q, k, v, seg, dout = _packed(1)
+    full = _out_and_grads(q, k, v, seg, dout, causal, window, True, data_skip=False)
+    skipped = _out_and_grads(q, k, v, seg, dout, causal, window, True, data_skip=True)
+    for a, b, name in zip(skipped, full, ("out", "dq", "dk", "dv")):
+        assert_bits_equal(a, b, f"{name}: data skipping vs static plan (causal={causal}, window={window})")
+    monkeypatch.setattr(ska, "PAIRS_PER_STEP", 5)  # the loop's chunk is no part of the bits
+    fn = functools.partial(_out_and_grads_fn, causal=causal, window=window, skip=True, data_skip=True)
+    for a, b, name in zip(jax.jit(fn)(q, k, v, seg, dout), full, ("out", "dq", "dk", "dv")):
+        assert_bits_equal(a, b, f"{name}: chunk 5")
+    public = attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=causal, sliding_window=window)
+    assert_bits_equal(public, skipped[0], "attention() full row")
+
+
+def test_segment_alone_equals_segment_in_packed_row_standard_does_not():
+    """What skipping other segments means: a segment computed as its own row (only its
+    keys) gives the bits it has inside the packed row in batch_invariant (its segment
+    starts on a split boundary, as the packer aligns it); the dense standard kernel over
+    only the segment's keys does not."""
+    q, k, v, seg, _ = _packed(2)
+    a, b = 128, 256  # row 1's segment 5
+    cut = [x[1:2, a:b] for x in (q, k, v)]
+    for mode, equal in (("batch_invariant", True), ("standard", False)):
+        f = jax.jit(functools.partial(attention, mode=mode))
+        alone = np.asarray(f(*cut))
+        packed = np.asarray(f(q, k, v, q_segment_ids=seg, kv_segment_ids=seg))[1:2, a:b]
+        assert bits_equal(alone, packed) == equal, mode
+        np.testing.assert_allclose(alone, packed, atol=3e-6, rtol=3e-6)
