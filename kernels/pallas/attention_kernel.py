@@ -25,8 +25,10 @@ calls, so the arithmetic is the same op for op. This backend imports the shared 
   splits are fully masked and skipped).
 
 Not implemented as Pallas: the backward pass (``attention``'s ``custom_vjp`` runs the
-jnp backward over the same splits) and skipping of fully masked splits on TPU (they
-are computed and leave (c, l, o) bit for bit unchanged).
+jnp backward, which visits only the (query block, split) pairs with a visible key) and
+skipping of fully masked splits in this forward, static (causal, window) or from the
+data (segments, padding): every split is computed, and a fully masked one leaves
+(c, l, o) bit for bit unchanged, so the bits are those of the skipping jnp forward.
 """
 
 from __future__ import annotations
