@@ -1,8 +1,11 @@
 """The browser page in real headless Chromium (Debian's ``chromium``), driven over the
 DevTools protocol: a fake microphone plays a fixture wav (16 kHz, made from
-``tests/audio/fixtures``), the page captures it through its AudioWorklet, streams 200 ms
-PCM16 chunks to an in-process server (tick loop on) and shows the model's ticks; the
-round trip is asserted on both sides and a screenshot is kept (``tmp_path``, and
+``tests/audio/fixtures``) and Chromium's fake camera (``--use-fake-device-for-media-stream``)
+films its test pattern; the page captures the audio through its AudioWorklet and the
+camera at 10 fps, streams 200 ms PCM16 chunks, each after its micro-turn's JPEG frame
+pair, to an in-process server (tick loop on) and shows the model's ticks; the round trip
+(audio and video in, model events out) is asserted on both sides — the engine's served
+micro-turns hold the camera's frame pairs — and a screenshot is kept (``tmp_path``, and
 ``test-artifacts/`` when ``CI`` is set). Without Chromium the test skips, except under
 ``CI=true`` (``.ci/run`` installs it)."""
 
@@ -84,17 +87,17 @@ def test_page_round_trip_in_headless_chromium(engine, tmp_path):
     profile = tmp_path / "profile"
     shot = tmp_path / "serve_page.png"
 
-    warm_up(engine)  # compiled before the page streams: a first-tick compile would back up its chunks
+    warm_up(engine, video_size=80)  # compiled before the page streams: a first-tick compile would back up its chunks
 
     async def body():
         async with serving(engine, tick=True, tick_ms=200) as server:
             url = server.url
-            proc = subprocess.Popen([
+            proc = subprocess.Popen([  # noqa: ASYNC220 -- returns at once; the page is then polled
                 CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
                 f"--use-file-for-fake-audio-capture={wav}", "--autoplay-policy=no-user-gesture-required",
                 "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1000,900",
-                f"{url}?autostart=1&seed=3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                f"{url}?autostart=1&camera=1&seed=3"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
             try:
                 target = await page_target(profile, url)
                 async with aiohttp.ClientSession() as http, http.ws_connect(target, max_msg_size=0) as ws:
@@ -108,6 +111,8 @@ def test_page_round_trip_in_headless_chromium(engine, tmp_path):
                     loudest = await cdp.eval("Math.max(0, ...userLevels)")
                     columns = await cdp.eval("document.querySelectorAll('#timeline .col').length")
                     state = await cdp.eval("document.getElementById('state').textContent")
+                    preview = await cdp.eval("document.getElementById('preview').videoWidth")
+                    turns = await server.engine_call(engine.turns, stats["session"])   # before the page closes
                     shot.write_bytes(base64.b64decode((await cdp.call("Page.captureScreenshot"))["data"]))
             finally:
                 proc.terminate()
@@ -115,9 +120,9 @@ def test_page_round_trip_in_headless_chromium(engine, tmp_path):
                     proc.wait(10)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-            return stats, loudest, columns, state, server.stats
+            return stats, loudest, columns, state, preview, turns, server.stats
 
-    stats, loudest, columns, state, served = asyncio.run(asyncio.wait_for(body(), 150))
+    stats, loudest, columns, state, preview, turns, served = asyncio.run(asyncio.wait_for(body(), 150))
     if os.environ.get("CI"):
         out = Path("test-artifacts")
         out.mkdir(exist_ok=True)
@@ -130,3 +135,10 @@ def test_page_round_trip_in_headless_chromium(engine, tmp_path):
     assert loudest > 0.01                          # the fixture's speech came through the worklet
     assert served.chunks_received >= 8 and served.turns_served >= 8 and served.errors_sent == stats["errors"]
     assert shot.stat().st_size > 1000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the camera: frames captured, sent before their chunks, received, and served as frame pairs
+    assert stats["camera"] == "on" and preview > 0, stats
+    assert stats["videoFramesSent"] >= 4 and served.video_frames_received >= 4, (stats, served)
+    assert served.video_turns_served >= 2 and stats["videoTicks"] >= 2, (stats, served)
+    pairs = [t.video for t in turns if t.video is not None]
+    assert len(pairs) >= 2        # the engine's micro-turns hold the patches
+    assert any(p.std() > 0 for p in pairs)                # a real picture (the fake camera's pattern), not blank

@@ -24,18 +24,26 @@ def build_engine(model, c):
                   sampling=SamplingParams(temperature=c.temperature, top_p=c.top_p), vocoder=False)
 
 
-def warm_up(engine) -> int:
-    """Compile the prefill and decode programs of every batch bucket (one silent
-    micro-turn per bucket, sessions closed after) → programs compiled."""
+def warm_up(engine, video_size: int | None = None) -> int:
+    """Compile the prefill and decode programs of every batch bucket (two silent
+    micro-turns per bucket, sessions closed after; with ``video_size``, a third carrying
+    a black frame pair of that size, as the camera's micro-turns do: their patch bucket
+    is another program) → programs compiled. Two, because the engine's very first call
+    takes the freshly made KV pool, whose arrays differ in signature from the donated
+    ones every later call takes: measured on ``tiny``, one silent micro-turn per bucket
+    left the steady-state prefill to the first served tick (a 60–77 s compile on this
+    machine). Call it before serving: it calls the engine from this thread."""
     import numpy as np
 
     from tml.sampler import TurnInputs
 
+    videos = [None, None] + ([np.zeros((2, video_size, video_size, 3), np.uint8)] if video_size else [])
     for b in engine.batch_buckets:
         sids = [engine.open(seed=i) for i in range(b)]
-        for s in sids:
-            engine.append(s, TurnInputs(audio=np.zeros(3200, np.float32)))
-        engine.tick()
+        for video in videos:
+            for s in sids:
+                engine.append(s, TurnInputs(audio=np.zeros(3200, np.float32), video=video))
+            engine.tick()
         for s in sids:
             engine.close(s)
     return engine.compiled_programs()
@@ -53,7 +61,8 @@ def main(cfg) -> None:
     engine = build_engine(model, c)
     print(f"tml serve: model {cfg.model.name}, {loaded.describe()}, kernel mode {c.kernel_mode}", flush=True)
     if c.warmup:
-        print(f"tml serve: compiled {warm_up(engine)} programs (batch buckets {engine.batch_buckets})", flush=True)
+        print(f"tml serve: compiled {warm_up(engine, c.video_size)} programs (batch buckets {engine.batch_buckets}, "
+              "with and without a camera frame pair)", flush=True)
     from tml.serve.delegation import Router, http_delegate
 
     delegate = http_delegate(c.delegate_url) if c.delegate_url else Router(lookup_file=c.lookup_file or None)

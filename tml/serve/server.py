@@ -22,15 +22,18 @@ engine call (open, append, tick, rollback, close, the pool's counters), and an
 never runs engine work: while a tick runs, it goes on receiving messages, checking
 tokens and rate limits and answering malformed frames, PINGs and refused handshakes at
 once (``tests/serve/test_threads.py``); opening, closing and rolling back a session wait
-for the running tick. The vocoder (Griffin–Lim, ``vocoder=``) and the encoding of each
-session's frames run in a second thread (``tml-serve-vocoder``), outside the engine lock,
-so tick *n*'s vocoding overlaps tick *n + 1*'s engine step; at most one earlier tick is
-still being published when a tick starts, and a session's frames always go out in
-micro-turn order. JPEG/PNG decoding runs in a worker thread too.
+for the running tick. The vocoder (Griffin–Lim, ``vocoder=``) runs in a second thread
+(``tml-serve-vocoder``, one hop per tick for every session that spoke) and frames are
+encoded and sent by a task, both outside the engine lock, so tick *n*'s publishing
+overlaps tick *n + 1*'s engine step; at most one earlier tick is still being published
+when a tick starts, and a session's frames always go out in micro-turn order. JPEG/PNG
+decoding runs in a worker thread too.
 
 **Video.** The model sees video at 10 fps: a micro-turn's input is a *frame pair*
-(:class:`tml.sampler.TurnInputs`), so up to two VIDEO frames join the next audio chunk
-(one frame alone is duplicated); a third before that chunk is refused (``video_rate``).
+(:class:`tml.sampler.TurnInputs`), so up to two VIDEO frames join the next AUDIO chunk
+that arrives (bound to it when it arrives, so a backlog never shifts them; one frame
+alone is duplicated; a third before that chunk is refused, ``video_rate``; a chunk
+refused for ``backlog`` drops its frames too).
 Frames are resized to ``video_size``² RGB (80 → 4 patches of 40×40×2).
 
 **Safety.** Binds ``127.0.0.1`` unless told otherwise. Optional token (``?token=`` on
@@ -85,9 +88,9 @@ class Conn:
 
     ws: web.WebSocketResponse
     sid: int | None = None
-    queue: deque = field(default_factory=deque)           # (float32 [3200], arrival perf_counter)
+    queue: deque = field(default_factory=deque)           # (float32 [3200], arrival perf_counter, its frames)
     typed: list = field(default_factory=list)
-    video: list = field(default_factory=list)             # uint8 [S, S, 3] frames of the next micro-turn (<= 2)
+    video: list = field(default_factory=list)             # uint8 [S, S, 3] frames for the next AUDIO chunk (<= 2)
     background: list = field(default_factory=list)
     tokens: float = 0.0
     refill: float = 0.0
@@ -209,12 +212,13 @@ class Server:
         return web.Response(body=static_file(name), content_type=STATIC_TYPES[name])
 
     async def _stats(self, request):
-        free = await self._on_engine(lambda: self.engine.pool.n_free)
+        free = await self.engine_call(lambda: self.engine.pool.n_free)
         return web.json_response({**self.stats.as_dict(), "live_sessions": sum(c.sid is not None for c in self.conns),
                                   "free_pages": free, "connections": len(self.conns)})
 
-    async def _on_engine(self, fn, *args):
-        """``fn(*args)`` in the engine thread (the only thread that touches the engine)."""
+    async def engine_call(self, fn, *args):
+        """``await engine_call(fn, *args)`` → ``fn(*args)`` run in the engine thread, the only
+        thread that touches the engine (also for callers that inspect it while serving)."""
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
 
     # --------------------------------------------------------------- lifecycle
@@ -277,7 +281,7 @@ class Server:
             raise ProtocolError("server_full", f"the server serves max_sessions={self.limits.max_sessions} sessions: "
                                                "try again later, or start it with a larger serve.max_sessions")
         seed = self.seed + self.stats.sessions_opened if seed is None else seed
-        sid = await self._on_engine(lambda: self.engine.open(seed=seed, context=context or None, sampling=sampling))
+        sid = await self.engine_call(lambda: self.engine.open(seed=seed, context=context or None, sampling=sampling))
         c.sid, c.micro_turn = sid, 0
         self.stats.sessions_opened += 1
         return sid
@@ -286,7 +290,7 @@ class Server:
         """Under the lock: the session's pages go back to the pool now."""
         if c.sid is not None:
             sid, c.sid = c.sid, None
-            await self._on_engine(self.engine.close, sid)
+            await self.engine_call(self.engine.close, sid)
             self.stats.sessions_closed += 1
         c.sid = None
         c.model_text = ""
@@ -370,10 +374,12 @@ class Server:
                                               "(or CONTROL open after close)")
         if f.kind == Kind.AUDIO:
             if len(c.queue) >= self.limits.max_queued_chunks:
+                c.video.clear()                                  # the refused micro-turn's frame pair goes too
                 raise ProtocolError("backlog", f"{len(c.queue)} chunks already wait for a tick "
                                                f"(max_queued_chunks={self.limits.max_queued_chunks}): chunk dropped; "
                                                "send in real time, one chunk per 200 ms")
-            c.queue.append((f.value, time.perf_counter()))
+            c.queue.append((f.value, time.perf_counter(), list(c.video)))   # its frame pair rides with it
+            c.video.clear()
             self.stats.chunks_received += 1
         elif f.kind == Kind.TEXT:
             c.typed.append(f.value)
@@ -415,7 +421,7 @@ class Server:
                 c.drop_input()
                 c.model_text = ""
                 try:
-                    await self._on_engine(self.engine.rollback, c.sid, msg["micro_turn"])
+                    await self.engine_call(self.engine.rollback, c.sid, msg["micro_turn"])
                 except ValueError as e:
                     raise ProtocolError("bad_payload", f"CONTROL rollback: {e}") from None
                 c.micro_turn = msg["micro_turn"]
@@ -455,18 +461,17 @@ class Server:
             for c in list(self.conns):
                 if c.sid is None or not c.queue:
                     continue
-                audio, arrived = c.queue.popleft()
-                frames = list(c.video)
+                audio, arrived, frames = c.queue.popleft()
                 video = None if not frames else frames[0] if len(frames) == 1 else np.stack(frames)   # [2, S, S, 3]
                 inputs = TurnInputs(audio=audio, typed="".join(c.typed), video=video,
                                     background="\n".join(c.background))
-                c.typed.clear(), c.background.clear(), c.video.clear()
+                c.typed.clear(), c.background.clear()
                 work.append((c, c.sid, inputs, len(frames), arrived))
             if not work:
                 return 0
             t0 = time.perf_counter()
             try:
-                outs, refused, engine_ms = await self._on_engine(self._engine_step,
+                outs, refused, engine_ms = await self.engine_call(self._engine_step,
                                                                  [(sid, inp) for _, sid, inp, _, _ in work])
             except Exception as e:  # noqa: BLE001 -- an engine failure ends the sessions it was serving
                 for c, *_ in work:
@@ -509,14 +514,18 @@ class Server:
         outs = self.engine.tick()
         return outs, refused, 1000 * (time.perf_counter() - t)
 
-    def _frames(self, o, tick: int, engine_ms: float, batch: int, n_frames: int, queue_ms: float) -> list[bytes]:
-        """Vocoder thread: one session's frames of one micro-turn (its speech vocoded
-        unless the engine did), TICK last."""
-        t = time.perf_counter()
-        wave = o.waveform
-        if wave is None and len(o.speech):
-            wave = self.vocoder(o.speech)
-        vocoder_ms = 1000 * (time.perf_counter() - t)
+    def _vocode(self, speech: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+        """Vocoder thread: each uint8 [4, 80] speech → (float32 [3200] waveform, its ms)."""
+        out = []
+        for frames in speech:
+            t = time.perf_counter()
+            out.append((self.vocoder(frames), 1000 * (time.perf_counter() - t)))
+        return out
+
+    @staticmethod
+    def _frames(o, wave, vocoder_ms: float, tick: int, engine_ms: float, batch: int, n_frames: int,
+                queue_ms: float) -> list[bytes]:
+        """One session's frames of one micro-turn, TICK last."""
         out = []
         if wave is not None and len(wave):
             out.append(P.encode(Kind.MODEL_AUDIO, wave, micro_turn=o.micro_turn))
@@ -526,23 +535,28 @@ class Server:
             out.append(P.encode(Kind.MODEL_EVENT, {"micro_turn": o.micro_turn, "event": "control",
                                                    "actions": list(o.control)}))
         out.append(P.encode(Kind.TICK, {
-            "micro_turn": o.micro_turn, "tick": tick, "queue_ms": round(queue_ms * 1000, 3),
+            "micro_turn": o.micro_turn, "tick": tick, "queue_ms": round(queue_ms, 3),
             "engine_ms": round(engine_ms, 3), "vocoder_ms": round(vocoder_ms, 3), "batch": batch,
             "tokens": o.tokens.tolist(), "logprobs": P.logprob_hex(o.logprobs), "forced_end": bool(o.forced_end),
             "speaking": bool(len(o.speech)), "video": n_frames}))
         return out
 
     async def _publish(self, served: list, tick: int, engine_ms: float, t_start: float, prev) -> None:
-        """Vocode, encode and send one tick's outputs, session by session; a session's
-        frames wait for the previous tick's publishing (``prev``), so they stay in order."""
-        loop = asyncio.get_running_loop()
+        """Vocode (one hop to the vocoder thread for every session that spoke and was not
+        vocoded by the engine), encode and send one tick's outputs; they wait for the
+        previous tick's publishing (``prev``), so every session's frames stay in order."""
         try:
-            for c, generation, o, n_frames, queue_s, arrived in served:
-                frames = await loop.run_in_executor(self._vocoder_thread, self._frames, o, tick, engine_ms,
-                                                    len(served), n_frames, queue_s)
-                if prev is not None:
-                    await asyncio.wait([prev])
-                    prev = None
+            speaking = [i for i, s in enumerate(served) if s[2].waveform is None and len(s[2].speech)]
+            waves: dict[int, tuple] = {}
+            if speaking:
+                vocoded = await asyncio.get_running_loop().run_in_executor(
+                    self._vocoder_thread, self._vocode, [served[i][2].speech for i in speaking])
+                waves = dict(zip(speaking, vocoded))
+            if prev is not None:
+                await asyncio.wait([prev])
+            for i, (c, generation, o, n_frames, queue_s, arrived) in enumerate(served):
+                wave, vocoder_ms = waves.get(i, (o.waveform, 0.0))
+                frames = self._frames(o, wave, vocoder_ms, tick, engine_ms, len(served), n_frames, 1000 * queue_s)
                 for frame in frames[:-1]:
                     await self._send(c, frame)
                     self.stats.audio_frames_sent += frame[0] == Kind.MODEL_AUDIO
