@@ -11,6 +11,7 @@ Per step ``s`` (all under ``rl.kernel_mode``):
 4. the new weights go into the running engine (``Engine.set_params``: no recompilation,
    ``time/push_s`` logged with ``engine/compiled_programs``).
 
+``<rl.run_dir>/rl_config.json`` holds the run's ``rl`` config (kernel mode ...), and
 ``<rl.run_dir>/metrics.jsonl`` gets, per step, the eight ``mismatch/*`` metrics
 (:mod:`tml.sampler.divergence`), ``reward/mean`` and ``reward/<name>`` (mean signed value
 over the step's episodes), the ``rl/*`` learner metrics (loss, clip fraction, entropy,
@@ -26,6 +27,7 @@ step boundary (:mod:`tml.train.preemption`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -144,6 +146,7 @@ def run(cfg) -> list[dict]:
     weights = check_weights(c.rewards)
     run_dir = Path(c.run_dir)
     init = _pinned_init(run_dir, c.init_checkpoint)
+    (run_dir / "rl_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))  # tml.rl.report reads it
     model, loaded = load_model(cfg.model, init, c.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ref_model = nnx.merge(graphdef, params, rest)
