@@ -85,7 +85,7 @@ def test_engine_on_a_tp_mesh_standard_shows_the_drift(one_process):
 def test_two_processes_learner_and_engine(two_processes):
     learner, engine = two_processes[0], two_processes[1]
     assert learner["role"] == "learner" and engine["role"] == "engine"
-    assert learner["device_count"] == 4 and learner["learner_device"] == 0
+    assert learner["device_count"] >= 4 and learner["learner_device"] == 0  # fake devices on each process
     assert engine["engine_devices"] == learner["engine_devices"] and 0 not in engine["engine_devices"]
     assert engine["records"] == []  # the learner logs
     (rec,) = learner["records"]

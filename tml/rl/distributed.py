@@ -217,7 +217,7 @@ class RemoteEngine:
         handler.check()
 
     def play(self, groups):
-        """→ (episodes, dropped, engine compiled programs before the step)."""
+        """→ (episodes, dropped, the engine's compiled programs after playing them)."""
         send(("play", groups), LEARNER)
         return send(None, ENGINE)
 
@@ -280,9 +280,8 @@ def serve_engine(cfg, placement: Placement) -> list[dict]:
                 elif kind == "check":
                     handler.check()
                 elif kind == "play":
-                    compiled = engine.compiled_programs()
                     episodes, dropped = play(engine, arg, weights)
-                    send((episodes, dropped, compiled), ENGINE)
+                    send((episodes, dropped, engine.compiled_programs()), ENGINE)
                 elif kind == "push":
                     t = time.perf_counter()
                     new = push_weights(full, LEARNER)
