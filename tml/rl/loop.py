@@ -125,15 +125,14 @@ def run(cfg) -> list[dict]:
     """``tml rl`` on a composed :class:`tml.config.TmlConfig` (``cfg.rl``, ``cfg.model``) →
     the records logged this run."""
     from tml.eval.checkpoint import load_model
+    from tml.rl import distributed as dist
+    from tml.sampler.snapshot import weights_digest
     from tml.train.checkpoint import Checkpointer
     from tml.train.config import WandbConfig
+    from tml.train.distributed import init_distributed
     from tml.train.metrics_log import MetricsLogger
     from tml.train.preemption import install_preemption_handler
     from tml.train.state import TrainState
-
-    from tml.rl import distributed as dist
-    from tml.sampler.snapshot import weights_digest
-    from tml.train.distributed import init_distributed
 
     logging.getLogger("absl").setLevel(logging.WARNING)
     c: RLConfig = cfg.rl
