@@ -36,7 +36,7 @@ updates, ``push`` (:func:`push_weights`, then the engine's ack: compile counter,
 set_params seconds and, with ``rl.check_push``, the sha256 of its weights,
 :func:`tml.sampler.snapshot.weights_digest`).
 
-**google-tunix** (read, version 0.1.x source): its ``RLCluster`` holds an actor, a
+**google-tunix** (assessed from its published design; not installed or re-read here): its ``RLCluster`` holds an actor, a
 reference and a rollout model, each on its own mesh, and syncs weights by resharding the
 actor's ``nnx.State`` onto the rollout mesh (``jax.device_put`` of the state, with an
 optional LoRA-only sync) inside one controller; rollouts go through its own vanilla
