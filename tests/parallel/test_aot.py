@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+
 from tml.parallel import aot
 
 SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
@@ -15,13 +16,13 @@ SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_
          "parallel.mesh.data=1", "parallel.mesh.fsdp=2", "parallel.mesh.expert=2",
          "train.batch_size=4", "loader.row_length=128", "loader.max_patches_per_row=4"]
 ROWS = ["parameters / device", "optimizer state / device", "arguments", "outputs", "temporaries (activations)",
-        *(f"{k} bytes (count)" for k in aot.COLLECTIVES)]
+        *(f"{k} bytes / step (ops run)" for k in aot.COLLECTIVES), "compile time (trace + lower + compile)"]
 
 
 def _plan(tmp_path, *flags):
     out = tmp_path / "aot.json"
     r = subprocess.run([sys.executable, "-m", "tml.parallel.aot", *SMALL, "--topology", "v5e:2x2", *flags,
-                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--out", str(out)], check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text()), r.stdout
 
@@ -37,6 +38,11 @@ def _check(plan, table):
     grads = plan["programs"]["gradients"]
     assert grads["memory"]["temporaries"] > 0
     assert grads["collectives"]["all-gather"]["bytes"] > 0  # FSDP gathers the weights
+    for prog in plan["programs"].values():
+        for kind in aot.COLLECTIVES:
+            c = prog["collectives"][kind]
+            assert c["step_count"] >= c["count"] and c["step_bytes"] >= c["bytes"]  # loops run >= once
+        assert set(prog["seconds"]) == {"trace", "lower", "compile"} and prog["seconds"]["compile"] > 0
 
 
 def test_plan_on_fake_cpu_devices(tmp_path):
@@ -53,17 +59,60 @@ def test_plan_on_a_tpu_v5e_2x2_topology(tmp_path):
 
 
 def test_collective_bytes_reads_operand_sizes():
-    hlo = "\n".join([
-        "  %p = bf16[256,512]{1,0} parameter(0)",
-        "  %ag = bf16[1024,512]{1,0} all-gather(%p), dimensions={0}",
-        "  %ars = f32[8]{0} all-reduce-start(%x), to_apply=%add",
-        "  %x = f32[8]{0} add(%a, %b)",
-        "  %ard = f32[8]{0} all-reduce-done(%ars)",
-        "  ROOT %a2a = (f32[4,4]{1,0}, f32[4,4]{1,0}) all-to-all(%u, %v), dimensions={0}",
-        "  %u = f32[4,4]{1,0} parameter(1)", "  %v = f32[4,4]{1,0} parameter(2)",
-    ])
+    hlo = """
+  %p = bf16[256,512]{1,0} parameter(0)
+  %ag = bf16[1024,512]{1,0} all-gather(%p), dimensions={0}
+  %ars = f32[8]{0} all-reduce-start(%x), to_apply=%add
+  %x = f32[8]{0} add(%a, %b)
+  %ard = f32[8]{0} all-reduce-done(%ars)
+  ROOT %a2a = (f32[4,4]{1,0}, f32[4,4]{1,0}) all-to-all(%u, %v), dimensions={0}
+  %u = f32[4,4]{1,0} parameter(1)
+  %v = f32[4,4]{1,0} parameter(2)
+"""
     out = aot.collective_bytes(hlo)
-    assert out["all-gather"] == {"count": 1, "bytes": 256 * 512 * 2}
-    assert out["all-reduce"] == {"count": 1, "bytes": 32}
-    assert out["all-to-all"] == {"count": 1, "bytes": 2 * 64}
-    assert out["reduce-scatter"] == {"count": 0, "bytes": 0}
+    once = lambda n, b: {"count": n, "bytes": b, "step_count": n, "step_bytes": b}
+    assert out["all-gather"] == once(1, 256 * 512 * 2)
+    assert out["all-reduce"] == once(1, 32)
+    assert out["all-to-all"] == once(1, 2 * 64)
+    assert out["reduce-scatter"] == once(0, 0)
+
+
+def test_collective_bytes_multiplies_loop_bodies_by_their_trip_count():
+    """A collective inside a while body runs trip-count times per step (nested loops
+    multiply); a loop without a known trip count counts once and is reported."""
+    hlo = """HloModule m, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+
+%inner (p.1: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.1 = (s32[], f32[8]{0}) parameter(0)
+  %x.1 = f32[8]{0} get-tuple-element(%p.1), index=1
+  %ar.1 = f32[8]{0} all-reduce(%x.1), to_apply=%add
+  ROOT %t.1 = (s32[], f32[8]{0}) tuple(%i.1, %ar.1)
+}
+
+%outer (p.2: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.2 = (s32[], f32[8]{0}) parameter(0)
+  %w.2 = (s32[], f32[8]{0}) while(%p.2), condition=%cond, body=%inner, backend_config={"known_trip_count":{"n":"5"}}
+  %y.2 = f32[8]{0} get-tuple-element(%w.2), index=1
+  %ag.2 = f32[32]{0} all-gather(%y.2), dimensions={0}
+  ROOT %t.2 = (s32[], f32[8]{0}) tuple(%i.2, %y.2)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %w.3 = (s32[], f32[8]{0}) while(%t.0), condition=%cond, body=%outer, backend_config={"known_trip_count":{"n":"3"}}
+  %w.4 = (s32[], f32[8]{0}) while(%t.0), condition=%cond, body=%dyn
+  ROOT %r = f32[8]{0} all-reduce(%a), to_apply=%add
+}
+
+%dyn (p.5: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p.5 = (s32[], f32[8]{0}) parameter(0)
+  %x.5 = f32[8]{0} get-tuple-element(%p.5), index=1
+  %cp.5 = f32[8]{0} collective-permute(%x.5), source_target_pairs={{0,1}}
+  ROOT %t.5 = (s32[], f32[8]{0}) tuple(%i.5, %cp.5)
+}
+"""
+    out = aot.collective_bytes(hlo)
+    assert out["all-reduce"] == {"count": 2, "bytes": 64, "step_count": 3 * 5 + 1, "step_bytes": 16 * 32}
+    assert out["all-gather"] == {"count": 1, "bytes": 32, "step_count": 3, "step_bytes": 96}
+    assert out["collective-permute"] == {"count": 1, "bytes": 32, "step_count": 1, "step_bytes": 32}
+    assert out["loops"] == {"unknown_trip_counts": 1}

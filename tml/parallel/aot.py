@@ -37,14 +37,12 @@ iteration, so these are lower bounds for looped programs). JSON: ``bench_results
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
@@ -58,6 +56,10 @@ DEFAULT_OUT = "bench_results/aot.json"
 
 _ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
 _DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLED = re.compile(r"\b(?:calls|body|condition|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
 
 
 def _type_bytes(type_text: str) -> int:
@@ -69,29 +71,103 @@ def _type_bytes(type_text: str) -> int:
     return total
 
 
-def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
-    """{kind: {"count", "bytes"}} summed over the collectives of a compiled HLO module.
-
-    Operand sizes come from the defining instruction of each operand (post-optimisation
-    HLO prints operands by name). Async pairs count once (``-start``; ``-done`` skipped).
-    """
-    shapes: dict[str, int] = {}
-    found: list[tuple[str, str]] = []
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """{computation name: its instruction lines} of an HLO module's text, and the entry's name."""
+    comps: dict[str, list[str]] = {}
+    entry, current = None, None
     for line in hlo_text.splitlines():
-        m = _DEF.match(line)
-        if not m:
-            continue
-        name, type_text, op, rest = m.groups()
-        shapes[name] = _type_bytes(type_text)
-        kind = op[:-6] if op.endswith("-start") else op
-        if kind in COLLECTIVES:
-            found.append((kind, rest))
-    out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
-    for kind, rest in found:
+        if line and not line[0].isspace():
+            m = _COMPUTATION.match(line)
+            if m:
+                current = m.group(1)
+                comps[current] = []
+                if line.startswith("ENTRY"):
+                    entry = current
+                continue
+            if line.startswith("}"):
+                current = None
+                continue
+        if current is not None and line.strip():
+            comps[current].append(line)
+    return comps, entry
+
+
+def _executions(comps: dict[str, list[str]], entry: str | None) -> tuple[dict[str, int], int]:
+    """How many times each computation runs per execution of the entry: a while body (and
+    condition) runs its loop's ``known_trip_count`` times per run of the caller, every
+    other called computation (fusions, calls, async wrappers, both branches of a
+    conditional: an upper bound) once. Returns ({name: runs}, number of while loops
+    whose trip count the compiler did not know, counted once per run)."""
+    runs: dict[str, int] = {}
+    unknown = 0
+    if entry is None:  # a fragment: every computation once
+        return {name: 1 for name in comps}, 0
+
+    def visit(name: str, times: int, depth: int = 0) -> None:
+        nonlocal unknown
+        if name not in comps or depth > 64:
+            return
+        runs[name] = runs.get(name, 0) + times
+        for line in comps[name]:
+            called = _CALLED.findall(line)
+            for b in _BRANCHES.findall(line):
+                called += [c.strip().lstrip("%") for c in b.split(",") if c.strip()]
+            if not called:
+                continue
+            n = 1
+            if " while(" in line:
+                m = _TRIP_COUNT.search(line)
+                if m:
+                    n = int(m.group(1))
+                else:
+                    unknown += times
+            for c in called:
+                visit(c, times * n, depth + 1)
+
+    visit(entry, 1)
+    return runs, unknown
+
+
+def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
+    """{kind: {"count", "bytes", "step_count", "step_bytes"}} over the collectives of a
+    compiled HLO module (per device: an SPMD-partitioned module's shapes are shards).
+
+    ``count`` / ``bytes``: each collective instruction once, as written in the program;
+    ``step_count`` / ``step_bytes``: as executed by one run of the program, an
+    instruction inside a while loop counted its loop's ``known_trip_count`` times (nested
+    loops multiply; both branches of a conditional count, an upper bound; a loop without
+    a known trip count counts once, and ``unknown_trip_counts`` under the key ``"loops"``
+    says how many such loops ran). Operand sizes come from the defining instruction of
+    each operand (post-optimisation HLO prints operands by name). Async pairs count once
+    (``-start``; ``-done`` skipped).
+    """
+    comps, entry = _computations(hlo_text)
+    if not comps:  # bare instruction lines (no computation headers)
+        comps, entry = {"": hlo_text.splitlines()}, None
+    runs, unknown = _executions(comps, entry)
+    shapes: dict[str, int] = {}
+    found: list[tuple[str, str, int]] = []
+    for name, lines in comps.items():
+        for line in lines:
+            m = _DEF.match(line)
+            if not m:
+                continue
+            inst, type_text, op, rest = m.groups()
+            shapes[inst] = _type_bytes(type_text)
+            kind = op.removesuffix("-start")
+            if kind in COLLECTIVES:
+                found.append((kind, rest, runs.get(name, 0)))
+    out: dict[str, dict[str, int]] = {k: {"count": 0, "bytes": 0, "step_count": 0, "step_bytes": 0}
+                                      for k in COLLECTIVES}
+    for kind, rest, times in found:
         args = rest.split(")", 1)[0]
         names = re.findall(r"%([\w.\-]+)", args)
+        size = sum(shapes.get(n, 0) for n in names) or _type_bytes(args)
         out[kind]["count"] += 1
-        out[kind]["bytes"] += sum(shapes.get(n, 0) for n in names) or _type_bytes(args)
+        out[kind]["bytes"] += size
+        out[kind]["step_count"] += times
+        out[kind]["step_bytes"] += times * size
+    out["loops"] = {"unknown_trip_counts": unknown}
     return out
 
 
@@ -186,15 +262,16 @@ def compile_plan(cfg, devices, *, platform: str, impl: str = "reference") -> dic
     b_sh = {k: batch_sharding(mesh, rules, tc.batch_size) for k in batch}
     step = make_train_step(graphdef, tx, LossWeights(tc.loss_text, tc.loss_speech, tc.loss_control),
                            cfg.model.balance_rate, micro_batches=tc.micro_batches, mesh=mesh)
+    timings: dict[str, dict[str, float]] = {}
     with kernels.kernel_mode(tc.kernel_mode), kernels.kernel_impl(impl), kernels.compile_target(platform):
         opt_state = jax.eval_shape(tx.init, params)
         o_sh = optimizer_shardings(opt_state, params, p_sh, rep)
-        grads_c = jax.jit(step.gradients, in_shardings=(p_sh, r_sh, b_sh),
-                          out_shardings=(p_sh, rep, rep)).lower(params, rest, batch).compile()
+        grads_j = jax.jit(step.gradients, in_shardings=(p_sh, r_sh, b_sh), out_shardings=(p_sh, rep, rep))
+        grads_c, timings["gradients"] = _timed_compile(grads_j, params, rest, batch)
         grads, _, load = jax.eval_shape(step.gradients, params, rest, batch)
-        update_c = jax.jit(step.update, in_shardings=(p_sh, r_sh, o_sh, p_sh, rep),
-                           out_shardings=(p_sh, r_sh, o_sh, rep), donate_argnums=(0, 1, 2),
-                           ).lower(params, rest, opt_state, grads, load).compile()
+        update_j = jax.jit(step.update, in_shardings=(p_sh, r_sh, o_sh, p_sh, rep),
+                           out_shardings=(p_sh, r_sh, o_sh, rep), donate_argnums=(0, 1, 2))
+        update_c, timings["update"] = _timed_compile(update_j, params, rest, opt_state, grads, load)
     total_params, per_params = bytes_per_device(params, rules, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     return {
@@ -206,10 +283,33 @@ def compile_plan(cfg, devices, *, platform: str, impl: str = "reference") -> dic
         "parameters": {"count": int(n_params), "bytes_total": int(total_params), "bytes_per_device": per_params},
         "optimizer": {"bytes_per_device": _shard_bytes(opt_state, o_sh)},
         "programs": {
-            "gradients": {"memory": _memory(grads_c), "collectives": collective_bytes(grads_c.as_text())},
-            "update": {"memory": _memory(update_c), "collectives": collective_bytes(update_c.as_text())},
+            "gradients": {"memory": _memory(grads_c), "collectives": collective_bytes(grads_c.as_text()),
+                          "seconds": timings["gradients"]},
+            "update": {"memory": _memory(update_c), "collectives": collective_bytes(update_c.as_text()),
+                       "seconds": timings["update"]},
         },
     }
+
+
+def _timed_compile(jitted, *args):
+    """``jitted.trace(*args).lower().compile()`` → (compiled, {"trace", "lower", "compile"}
+    seconds); each phase's time is printed to stderr as it ends (a full-size compile runs
+    for many minutes)."""
+    import time
+
+    name = getattr(jitted, "__name__", "program")
+    seconds: dict[str, float] = {}
+
+    def timed(phase, fn):
+        t = time.perf_counter()
+        out = fn()
+        seconds[phase] = round(time.perf_counter() - t, 2)
+        print(f"  {name}: {phase} {seconds[phase]:.1f} s", file=sys.stderr, flush=True)
+        return out
+
+    traced = timed("trace", lambda: jitted.trace(*args))
+    lowered = timed("lower", traced.lower)
+    return timed("compile", lowered.compile), seconds
 
 
 # ---------------------------------------------------------------------------
@@ -231,16 +331,23 @@ def table_rows(plan: dict) -> list[tuple[str, str, str]]:
         rows.append((label, _gib(g["memory"][key]), _gib(u["memory"][key])))
     for kind in COLLECTIVES:
         a, b = g["collectives"][kind], u["collectives"][kind]
-        rows.append((f"{kind} bytes (count)", f"{_gib(a['bytes'])} ({a['count']})", f"{_gib(b['bytes'])} ({b['count']})"))
+        rows.append((f"{kind} bytes / step (ops run)", f"{_gib(a['step_bytes'])} ({a['step_count']:,})",
+                     f"{_gib(b['step_bytes'])} ({b['step_count']:,})"))
+    rows.append(("compile time (trace + lower + compile)", _seconds(g["seconds"]), _seconds(u["seconds"])))
     return rows
+
+
+def _seconds(s: dict) -> str:
+    return f"{sum(s.values()):,.0f} s ({s['trace']:,.0f} + {s['lower']:,.0f} + {s['compile']:,.0f})"
 
 
 def format_table(plan: dict) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in plan["mesh"].items() if n > 1) or "1 device"
     n = plan["parameters"]["count"]
     count = f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:,.2f}M"
+    topo = f" (topology {plan['topology']})" if plan.get("topology") and not plan.get("stand_in") else ""
     head = (f"{plan['model']}: {count} parameters on {plan['devices']} "
-            f"{plan['device_kind'] or plan['platform']} devices ({mesh}); batch {plan['batch']['rows']} x "
+            f"{plan['device_kind'] or plan['platform']} devices{topo}, mesh {mesh}; batch {plan['batch']['rows']} x "
             f"{plan['batch']['row_length']}, {plan['batch']['micro_batches']} micro-batch(es), "
             f"{plan['batch']['kernel_mode']} kernels (impl={plan['batch']['impl']})")
     if plan.get("stand_in"):
@@ -263,6 +370,9 @@ def have_libtpu() -> bool:
 
 def tpu_devices(topology: str):
     """Compile-only devices of a named TPU topology (e.g. ``v5e:2x2``, ``v5p:4x4x4``) via libtpu."""
+    # only a description is made (no chip is opened): several such processes may run at once,
+    # which libtpu's per-host lock file (/tmp/libtpu_lockfile) would otherwise refuse
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
