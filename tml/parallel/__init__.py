@@ -28,7 +28,8 @@ _LAZY = {
 } | {name: "tml.parallel.tensor" for name in (
     "NOT_TP_INVARIANT", "ROW_PARALLEL_AXES", "TensorParallel", "invariant_rules", "row_parallel_mesh_axes",
     "tensor_parallel")} | {name: "tml.parallel.expert" for name in (
-    "ExpertCapacityError", "ExpertParallel", "bound_expert_parallel", "expert_parallel", "token_mesh_axes")}
+    "ExpertCapacityError", "ExpertParallel", "bound_expert_parallel", "dropped_assignments", "expert_parallel",
+    "token_mesh_axes")}
 
 
 def __getattr__(name):
@@ -46,6 +47,7 @@ __all__ = [  # noqa: RUF022
     "state_shardings", "state_specs", "use_rules", "variable_spec",
     "NOT_TP_INVARIANT", "ROW_PARALLEL_AXES", "TensorParallel", "invariant_rules", "row_parallel_mesh_axes",
     "tensor_parallel",
-    "ExpertCapacityError", "ExpertParallel", "bound_expert_parallel", "expert_parallel", "token_mesh_axes",
+    "ExpertCapacityError", "ExpertParallel", "bound_expert_parallel", "dropped_assignments", "expert_parallel",
+    "token_mesh_axes",
 ]
 assert set(__all__) >= set(_LAZY)

@@ -9,6 +9,9 @@ The MoE layer (:class:`tml.model.moe.MoE`) calls :func:`moe_ffn` of this module,
                                                "batch" rule's mesh axes, expert included)
     w_gate / w_up [E/ep, D, F], w_down [E/ep, F, D]   experts split over ``axis`` (ep ranks)
 
+(the expert weights enter gathered over ``fsdp`` / ``tensor``, never over ``axis``; the
+ranks of a ``tensor`` axis, which splits no token, compute the same rows):
+
 1. **route** — each rank's tokens arrive already routed (the router is per token); the
    assignment ``a = t*k + j`` goes to rank ``experts[t, j] // (E/ep)``, the owner of its
    expert, at position ``p`` = its rank among this rank's assignments to that owner, in
@@ -29,23 +32,42 @@ one owner), so *no assignment can ever overflow*: dropless, like the one-device 
 the price of buffers and owner compute over ``ep * C`` rows where ``T * k`` are used
 (empty rows are zero rows, ``ep * min(k, E/ep) / k`` times the routed work). With
 ``capacity_factor=f`` the buffer is ``C = min(worst, ceil(f * T * k / ep))``; an
-assignment past C is never dropped silently: the step raises :class:`ExpertCapacityError`
-(a host callback on the overflow count summed over all ranks), naming the count and
-the fix.
+assignment past C contributes nothing to its token (GShard-style drop), and never
+silently: a host callback adds the overflow count summed over all ranks to
+:func:`dropped_assignments` and warns, and the ``expert_parallel`` block raises
+:class:`ExpertCapacityError` on exit (after ``jax.effects_barrier``) if a program run
+inside it dropped any, naming the count and the fix. (Raising *inside* the callback
+would abort the process: the other devices would wait forever in the next all-to-all.)
 
-**Bits** (``tests/parallel/test_expert_parallel.py``, 8 fake CPU devices, float32): the
-forward of ``moe_ffn`` at EP = 2, 4, 8 (and on a data x expert mesh) is **bitwise** that
-of one device in ``batch_invariant`` mode, and the input / routing-weight gradients too:
-a row's expert output depends only on that row, its expert and its weight (the tile
-matmul is row-invariant), the all-to-alls only move rows, and the combine (and the
-dispatch's backward) adds the k slots in the same fixed order. On a pure expert mesh the
-expert *weight* gradients are bitwise as well: an owner sees exactly the rows of its
-experts in the global (token, slot) order — sources in rank order, each in assignment
-order, the empty rows after them — so the owner's tiles hold the rows of the one-device
-tiles. With a ``data`` / ``fsdp`` axis beside ``expert``, each data group holds a share
-of every expert's rows and the weight gradient is a compiler-ordered sum over the groups
-(close, not bitwise). In ``standard`` mode the expert compute is ``ragged_dot`` over the
-received buffer and the results differ from one device.
+**Bits** (``tests/parallel/test_expert_parallel.py``, 8 fake CPU devices, 128 tokens, 8
+experts, top-2): in ``batch_invariant`` mode the forward and every gradient (of x, the
+routing weights and the three expert weights) at EP = 2, 4, 8 are raw-bit equal to one
+device in float32 — expert parallelism is **bitwise invariant to its degree** — and
+repeat run to run (the same program, and re-traced). Why: a row's expert
+output depends only on that row, its expert and its routing weight (the tile matmul is
+row-invariant); the all-to-alls only move rows; the owner computes and returns float32
+rows (exact upcasts: on XLA:CPU the f32 x bf16 tile matmul has the bf16 x bf16 bits), so
+nothing is rounded before the combine, which — like the dispatch's backward — adds the
+k slots in the one fixed order; and an owner sees exactly the rows of its experts in the
+global (token, slot) order (sources in rank order, each in assignment order, the empty
+rows after them), so its tiles hold the rows of the one-device tiles and the expert
+weight gradients are the same sums. With a ``data`` (or ``fsdp``) axis beside ``expert``
+each data group holds a share of every expert's rows and the expert weight gradients
+are a compiler-ordered sum over the groups: measured on data 2 x expert 4, forward and
+the x / routing-weight gradients bitwise (the tiny model's logits too), expert weight
+gradients within 4e-6, not bitwise. In ``standard`` mode (``ragged_dot``, ``jnp.sum``)
+the routing-weight gradient differs at EP = 8.
+
+bfloat16 (EP = 4): the forward and the routing / expert weight gradients are bitwise; the
+x gradient is not (max 1.6e-2 at |dx| <= 3.1, 36% of the entries): fed float32 rows,
+``kernels.moe_ffn``'s backward adds the gate and up products' x gradients in float32 and
+rounds once, where one device rounds each to bfloat16 before adding. Fed bfloat16 rows
+instead, its output cast would round each slot before the combine and the forward would
+differ. The fix is a float32 output option on ``kernels.moe_ffn`` (its final cast is the
+only rounding in the way), not made here.
+
+Cost: the return all-to-all carries float32 rows (twice a bfloat16 model's bytes), and
+the owner computes over all ``ep * C`` buffer rows (see Capacity).
 
 Errors: an ``axis`` size that does not divide ``n_experts``, or a token count (rows x
 length of a micro-batch) not divisible by the number of token shards, raise a
@@ -66,6 +88,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -79,8 +102,19 @@ from tml.parallel.sharding import Rules, normalize_rules
 
 
 class ExpertCapacityError(RuntimeError):
-    """Raised when, with a ``capacity_factor``, some (token, slot) assignments did not fit
-    the per-(source, destination) buffer of :func:`expert_parallel`."""
+    """Raised on leaving an :func:`expert_parallel` block with a ``capacity_factor`` when a
+    program run inside it had (token, slot) assignments that did not fit the
+    per-(source, destination) buffer."""
+
+
+_dropped: list[int] = [0]  # assignments dropped by capacity overflow in this process
+
+
+def dropped_assignments() -> int:
+    """(Token, slot) assignments dropped by a ``capacity_factor`` overflow in this process
+    so far (waits for the pending programs' callbacks)."""
+    jax.effects_barrier()
+    return _dropped[0]
 
 
 class ExpertParallel(NamedTuple):
@@ -125,8 +159,14 @@ def expert_parallel(mesh, axis: str = "expert", *, rules: Rules | None = None,
     if sizes[axis] > 1:
         binding = ExpertParallel(mesh, axis, token_mesh_axes(mesh, axis, rules),
                                  None if capacity_factor is None else float(capacity_factor))
+    before = dropped_assignments() if capacity_factor is not None else 0
     with _bound(binding):
         yield binding
+    if capacity_factor is not None and (n := dropped_assignments() - before):
+        raise ExpertCapacityError(
+            f"{n} MoE (token, slot) assignments did not fit the expert-parallel buffer of capacity_factor="
+            f"{capacity_factor} and were dropped; raise capacity_factor or use capacity_factor=None "
+            f"(dropless, worst-case buffers)")
 
 
 def bound_expert_parallel() -> ExpertParallel | None:
@@ -183,17 +223,19 @@ def _expert_parallel_ffn(b: ExpertParallel, x, experts, weights, w_gate, w_up, w
                                out_specs=(tok, PartitionSpec()), check_vma=False)(
         x, experts, weights, w_gate, w_up, w_down)
     if b.capacity_factor is not None:
-        jax.debug.callback(functools.partial(_check_overflow, cap=cap, factor=b.capacity_factor), dropped)
+        jax.debug.callback(functools.partial(_count_overflow, cap=cap, factor=b.capacity_factor), dropped)
     return y
 
 
-def _check_overflow(dropped, *, cap: int, factor: float) -> None:
+def _count_overflow(dropped, *, cap: int, factor: float) -> None:
+    """Host side of the overflow count: add it up and warn (never raise here, see the module
+    docstring)."""
     n = int(dropped)
     if n:
-        raise ExpertCapacityError(
-            f"{n} MoE (token, slot) assignments did not fit the expert-parallel buffer of {cap} rows per "
-            f"(source, destination) pair (capacity_factor={factor}); raise capacity_factor or use "
-            f"capacity_factor=None (dropless, worst-case buffers)")
+        _dropped[0] += n
+        warnings.warn(f"{n} MoE (token, slot) assignments did not fit the expert-parallel buffer of {cap} rows "
+                      f"per (source, destination) pair (capacity_factor={factor}) and were dropped",
+                      RuntimeWarning, stacklevel=1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -245,7 +287,11 @@ def _rank_ffn(x, experts, weights, w_gate, w_up, w_down, *, axis, ep, cap, token
     order = jnp.argsort(re < 0, stable=True)
     back = jnp.argsort(order)
     e_rows = jnp.where(re < 0, e_local - 1, re)[order][:, None]
-    y = kernels.moe_ffn(rx[order], e_rows, rw[order][:, None], w_gate, w_up, w_down, mode=mode, **kw)
+    # float32 rows in and out (exact upcasts): the per-slot outputs stay unrounded until the
+    # combine, as inside moe_ffn (on XLA:CPU an f32 x bf16 tile matmul has the bf16 x bf16 bits)
+    f32 = jnp.float32
+    y = kernels.moe_ffn(rx[order].astype(f32), e_rows, rw[order][:, None].astype(f32), w_gate, w_up, w_down,
+                        mode=mode, **kw)
     y = a2a(y[back])  # [S, D] back in this rank's send slots
     y = jnp.concatenate([y, jnp.zeros((1, y.shape[1]), y.dtype)], axis=0)[slot].reshape(T, k, -1)
     out = jnp.sum(y, axis=1) if mode == "standard" else kernels.ordered_sum(y, 1)  # slot order
