@@ -30,7 +30,9 @@ ranks of a ``tensor`` axis, which splits no token, compute the same rows):
 case, ``C = T * min(k, E/ep)`` (top-k picks k distinct experts, at most ``E/ep`` of them on
 one owner), so *no assignment can ever overflow*: dropless, like the one-device layer, at
 the price of buffers and owner compute over ``ep * C`` rows where ``T * k`` are used
-(empty rows are zero rows, ``ep * min(k, E/ep) / k`` times the routed work). With
+(empty rows are zero rows, ``ep * min(k, E/ep) / k`` times the routed work: 8x for
+``tml_interaction_small``'s 232 experts, top-6, on ``expert=8``; with a capacity factor
+it is ``f`` x). With
 ``capacity_factor=f`` the buffer is ``C = min(worst, ceil(f * T * k / ep))``; an
 assignment past C contributes nothing to its token (GShard-style drop), and never
 silently: a host callback adds the overflow count summed over all ranks to
