@@ -13,8 +13,10 @@ to ``bench_results/serve.json``):
   the last frame of a micro-turn), and ``e2e_audio_ms`` — chunk sent → its MODEL_AUDIO
   (micro-turns where the model spoke);
 * ``engine_tick_ms`` p50/p99 — ``engine.tick()`` alone; ``server_overhead_ms`` p50/p99 —
-  the server's tick (appends, the tick in its worker thread, encoding and sending every
-  frame) minus the engine's, per tick;
+  the server's tick (appends, the tick in the engine thread, vocoding, encoding and
+  sending every frame) minus the engine's tick, per tick; ``vocoder_ms`` p50/p99 — one
+  session's Griffin–Lim in the server's vocoder thread (micro-turns where the model
+  spoke; part of the overhead, but overlapping the next tick's engine step);
 * ``chunks_refused_backlog`` — chunks refused because ``max_queued_chunks`` (5) were
   already waiting: the server fell more than a second behind real time;
 * ``programs_compiled_during_run`` — should be 0 after the warm-up;
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -58,7 +61,7 @@ async def measure(engine, n_clients: int, seconds: float, tick_ms: float = 200.0
     n_chunks = max(1, int(seconds * 1000 / tick_ms))
     rng = np.random.default_rng(0)
     chunk = P.encode(Kind.AUDIO, rng.uniform(-0.2, 0.2, P.CHUNK_SAMPLES))
-    e2e, e2e_audio, dropped = [], [], [0]
+    e2e, e2e_audio, vocoder, dropped = [], [], [], [0]
 
     async def client(i: int):
         async with aiohttp.ClientSession() as http, http.ws_connect(url + "ws", max_msg_size=0) as ws:
@@ -83,6 +86,8 @@ async def measure(engine, n_clients: int, seconds: float, tick_ms: float = 200.0
                     e2e_audio.append(1000 * (now - sent[f.value[0]]))
                 elif f.kind == Kind.TICK:
                     e2e.append(1000 * (now - sent[f.value["micro_turn"]]))
+                    if f.value["speaking"]:
+                        vocoder.append(f.value["vocoder_ms"])
                     done += 1
                 elif f.kind == Kind.ERROR and f.value["code"] == "backlog":
                     refused += 1            # the server fell behind real time: the chunk was refused
@@ -106,6 +111,7 @@ async def measure(engine, n_clients: int, seconds: float, tick_ms: float = 200.0
             "e2e_audio_ms": {"n": len(e2e_audio), "p50": _pct(e2e_audio, 50), "p99": _pct(e2e_audio, 99)},
             "engine_tick_ms": {"p50": _pct(s.tick_ms, 50), "p99": _pct(s.tick_ms, 99)},
             "server_overhead_ms": {"p50": _pct(overhead, 50), "p99": _pct(overhead, 99)},
+            "vocoder_ms": {"n": len(vocoder), "p50": _pct(vocoder, 50), "p99": _pct(vocoder, 99)},
             "programs_compiled_during_run": engine.compiled_programs() - compiled,
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
@@ -135,9 +141,11 @@ def main(argv=None) -> dict:
     t = time.perf_counter()
     warm_up(engine)
     result = {"model": "tiny", "weights": loaded.describe(), "warm_up_s": round(time.perf_counter() - t, 1),
+              "load_average_before": list(os.getloadavg()), "cpus": os.cpu_count(),
               "batch_buckets": list(engine.batch_buckets), "runs": []}
     for n in args.clients:
         r = asyncio.run(measure(engine, n, args.seconds))
+        r["load_average_after"] = list(os.getloadavg())
         result["runs"].append(r)
         print(json.dumps(r), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
