@@ -7,8 +7,9 @@ import pytest
 from tests.model.tiny_model import tiny_model
 from tml.sampler import Engine, SamplingParams
 
-ENGINE = dict(max_sessions=4, batch_buckets=(4,), chunk_buckets=(16,), patch_buckets=(4,), max_output_tokens=8,
-              max_context=1024, sampling=SamplingParams(temperature=1.0, top_p=0.95), vocoder=False)
+ENGINE = {"max_sessions": 4, "batch_buckets": (4,), "chunk_buckets": (16,), "patch_buckets": (4,),
+          "max_output_tokens": 8, "max_context": 1024, "sampling": SamplingParams(temperature=1.0, top_p=0.95),
+          "vocoder": False}
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from tests.serve.scripted_engine import ScriptedEngine
 from tml.serve.delegation import Router, calculate, http_delegate, run_delegate
 from tml.serve.protocol import Kind
 
-NOW = dt.datetime(2026, 12, 1, 20, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 12, 1, 20, 0, tzinfo=dt.UTC)
 
 
 def test_delegation_result_is_a_later_background_input_and_no_tick_waits():

@@ -7,7 +7,6 @@ import asyncio
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from tests.serve.client import Client, Limits, chunks, queued, serving
