@@ -5,7 +5,7 @@ Shapes::
 
     route_topk(router_logits [T, E], k)  -> weights [T, k] float32, experts [T, k] int32
     moe_ffn(x [T, D], experts [T, k], weights [T, k],
-            w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D]) -> [T, D]
+            w_gate [E, D, F], w_up [E, D, F], w_down [E, F, D], axis=None) -> [T, D]
 
 Expert e computes ``(act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]`` (SwiGLU with
 ``act = silu`` by default). A token's output is ``sum_j weights[t, j] * expert_j(x_t)``.
@@ -23,10 +23,23 @@ Expert e computes ``(act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]`` (SwiGLU w
 * the routing weight multiplies the hidden activation **before** the down
   projection (``down(h * w)``, linear, so the same function): no ``w * y + ...``
   multiply-add is left for the compiler to contract differently in different programs;
+* the **down projection** is row-parallel: F is cut into ``num_chunks`` (8) canonical
+  chunks whose products are summed in the fixed pairwise tree, the algorithm of
+  :func:`tml.kernels.row_parallel_linear` (gradients: the whole matmuls). With
+  ``axis="expert_mlp"`` (the logical name of F) bound to a mesh axis by
+  :func:`tml.kernels.collectives.row_parallel_axes` (:func:`tml.parallel.tensor_parallel`),
+  the expert compute runs in a ``shard_map`` over that axis: every rank computes its
+  F / tp columns of gate and up, and the partials of its 8 / tp chunks; after the tiles
+  they are reduced one-shot / two-shot (``psum`` in ``standard``). Same bits at
+  TP = 1, 2, 4, 8 (``tests/kernels/test_moe.py``, 8 fake devices; column slices need
+  >= 64 columns per rank on XLA:CPU);
 * **combine**: a token's k expert outputs are added in slot order ``j = 0..k-1``.
 
 So a token's output depends only on its own row, its routing and the weights —
-never on which or how many other tokens were routed with it.
+never on which or how many other tokens were routed with it. bfloat16 inputs are
+upcast exactly; every step up to the final rounding to ``x.dtype`` is float32 at the
+same fixed points in both paths, so bf16 is batch-invariant as well (tested against the
+algorithm spelled out with ``matmul`` / ``chunked_linear``, and through the sampler).
 
 ``path="gemv"`` is the small-decode-batch path: per assignment, gather the expert's
 weights and run a one-row GEMV (``[A,1,D] @ [A,D,F]``, canonical K chunks, no row
@@ -67,15 +80,33 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
+from .collectives import (
+    MAX_TP,
+    _chunk_partials,
+    _chunked_2d,
+    all_reduce_chunks,
+    bound_row_parallel,
+)
 from .mode import resolve_mode
 from .reductions import softmax
 from .tiled_matmul import chunked_dot, gemv_matches_gemm, matmul
-from .tiling import K_CHUNK, ROW_TILE, lane_padded, ordered_sum, pairwise_sum, round_up, rounded
+from .tiling import (
+    K_CHUNK,
+    ROW_TILE,
+    lane_padded,
+    ordered_sum,
+    pairwise_sum,
+    pairwise_tree,
+    round_up,
+    rounded,
+)
 
 GEMV_MAX_ASSIGNMENTS = 4  # gathering each assignment's expert weights only pays off for a few
 
@@ -267,15 +298,58 @@ def _scale_rows_bwd(res, dy):
 _scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
 
 
-def _expert_tile(x_tile, w_gate, w_up, w_down, wt, activation, k_chunk):
-    """One tile: x_tile [rows, D], wt [rows, 1] routing weights -> [rows, D] float32."""
+class _Down(NamedTuple):
+    """How the expert down projection ``h [rows, F_local] @ w_down[e] [F_local, D]`` is cut.
+
+    The contraction F is cut into ``num_chunks`` canonical chunks (``MAX_TP`` = 8, the
+    row-parallel layers' count), whose products are summed in the fixed pairwise tree
+    (:func:`tml.kernels.tiling.pairwise_tree`) — the algorithm of
+    :func:`tml.kernels.row_parallel_linear`, so the bits do not depend on the TP degree.
+    ``axis_name`` None: one device, all chunks local, summed per tile. Else (inside the
+    ``shard_map`` of :func:`moe_ffn` over that mesh axis, tp ranks): this rank's
+    ``num_chunks / tp`` chunk partials are kept, and reduced across the ranks by the
+    ordered ``algorithm`` (:func:`tml.kernels.all_reduce_chunks`) after the tiles.
+    """
+
+    num_chunks: int = MAX_TP
+    axis_name: str | None = None
+    algorithm: str = "one_shot"
+    local_chunks: int = MAX_TP
+
+    def tile(self, h, w):
+        """h [rows, Fl] @ w [Fl, D] -> [rows, D] (tree-summed) or [local_chunks, rows, D]."""
+        if self.axis_name is None:
+            return _chunked_2d(h, w, self.num_chunks)  # gradients: the whole batch-invariant matmuls
+        return _chunk_partials(h, w, self.local_chunks)
+
+    def gemv(self, h, w):
+        """h [A, 1, Fl] @ w [A, Fl, D] -> [A, 1, D] or [local_chunks, A, 1, D]: the same chunks
+        as :meth:`tile`, each a one-row GEMV per assignment."""
+        n = self.num_chunks if self.axis_name is None else self.local_chunks
+        c = h.shape[-1] // n
+        parts = [chunked_dot(h[..., i * c : (i + 1) * c], w[:, i * c : (i + 1) * c], batched=True) for i in range(n)]
+        return pairwise_tree(parts) if self.axis_name is None else jnp.stack(parts)
+
+    def reduce(self, partials, chunk_axis: int):
+        """Sum the chunk partials across the ranks (identity on one device, already summed)."""
+        if self.axis_name is None:
+            return partials
+        return all_reduce_chunks(jnp.moveaxis(partials, chunk_axis, 0), self.axis_name, self.algorithm)
+
+
+ONE_DEVICE = _Down()  # the down projection's 8 canonical chunks, summed on this device
+
+
+def _expert_tile(x_tile, w_gate, w_up, w_down, wt, activation, k_chunk, down):
+    """One tile: x_tile [rows, D], wt [rows, 1] routing weights -> [rows, D] float32 (or its
+    chunk partials, :class:`_Down`)."""
     g = matmul(x_tile, w_gate, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
     u = matmul(x_tile, w_up, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
     h = _scale_rows(activation(g) * u, wt)
-    return matmul(h, w_down, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
+    return down.tile(h, w_down)
 
 
-def _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_chunk):
+def _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_chunk, down=ONE_DEVICE):
     T, k = experts.shape
     E = w_gate.shape[0]
     D = x.shape[1]
@@ -286,22 +360,23 @@ def _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_
     n_tiles = plan["n_tiles"]
     xs_t = xs.reshape(n_tiles, row_tile, D)
     ws_t = ws.reshape(n_tiles, row_tile, 1)
+    out_shape = (row_tile, D) if down.axis_name is None else (down.local_chunks, row_tile, D)
 
     def body(carry, inp):
         i, x_tile, w_tile, e = inp
 
         def compute(_):
-            return _expert_tile(x_tile, w_gate[e], w_up[e], w_down[e], w_tile, activation, k_chunk)
+            return _expert_tile(x_tile, w_gate[e], w_up[e], w_down[e], w_tile, activation, k_chunk, down)
 
-        y = lax.cond(i < plan["used_tiles"], compute, lambda _: jnp.zeros((row_tile, D), jnp.float32), None)
+        y = lax.cond(i < plan["used_tiles"], compute, lambda _: jnp.zeros(out_shape, jnp.float32), None)
         return carry, y
 
     _, ys = lax.scan(body, None, (jnp.arange(n_tiles), xs_t, ws_t, plan["tile_expert"]))
-    ys = ys.reshape(n_tiles * row_tile, D)
+    ys = down.reduce(jnp.moveaxis(ys, 0, -3).reshape(*out_shape[:-2], n_tiles * row_tile, D), 0)
     return ordered_sum(ys[plan["assign_slot"]].reshape(T, k, D), 1)  # slot order
 
 
-def _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk):
+def _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk, down=ONE_DEVICE):
     T, k = experts.shape
     D = x.shape[1]
     flat = experts.reshape(-1)
@@ -309,7 +384,7 @@ def _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk):
     g = chunked_dot(xa, w_gate[flat], k_chunk, batched=True)
     u = chunked_dot(xa, w_up[flat], k_chunk, batched=True)
     h = activation(g) * u * weights.reshape(-1, 1, 1).astype(jnp.float32)
-    y = chunked_dot(h, w_down[flat], k_chunk, batched=True)[:, 0].reshape(T, k, D)
+    y = down.reduce(down.gemv(h, w_down[flat]), 0)[:, 0].reshape(T, k, D)
     return ordered_sum(y, 1)  # slot order
 
 
@@ -340,35 +415,71 @@ def moe_ffn(
     path: str = "auto",
     row_tile: int = ROW_TILE,
     k_chunk: int = K_CHUNK,
+    axis: str | None = None,
+    num_chunks: int = MAX_TP,
 ) -> jax.Array:
     """Routed SwiGLU experts; see the module docstring. Returns [T, D] in x.dtype.
 
     path: ``"auto"`` | ``"grouped"`` | ``"gemv"`` (batch_invariant mode only).
+    axis: the *logical* name of the expert width F (the model passes ``"expert_mlp"``):
+    inside :func:`tml.kernels.collectives.row_parallel_axes` (entered by
+    :func:`tml.parallel.tensor_parallel`) a name bound to a mesh axis of size tp > 1 runs
+    the experts as a ``shard_map`` over that axis, F split tp ways, the down projection's
+    ``num_chunks`` canonical chunks reduced in the fixed tree (``psum`` in standard).
+    Unbound: one device, the same chunks and tree.
     """
     mode = resolve_mode(mode)
     if x.ndim != 2 or experts.shape != weights.shape or experts.shape[0] != x.shape[0]:
         raise ValueError(f"moe_ffn shapes: x {x.shape}, experts {experts.shape}, weights {weights.shape}")
+    F = w_gate.shape[2]
+    if w_up.shape != w_gate.shape or w_down.shape != (w_gate.shape[0], F, x.shape[1]) or w_gate.shape[1] != x.shape[1]:
+        raise ValueError(f"moe_ffn weights: w_gate {w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape} "
+                         f"for x {x.shape}; expected [E, D, F], [E, D, F], [E, F, D]")
+    kw = {"activation": activation, "mode": mode, "path": path, "row_tile": row_tile, "k_chunk": k_chunk}
+    bound = bound_row_parallel(axis) if axis is not None else None
+    if bound is None:
+        if mode != "standard" and F % num_chunks:
+            raise ValueError(f"d_expert {F} is not divisible into {num_chunks} canonical chunks (the down "
+                             f"projection's row-parallel contraction): use a multiple of {num_chunks}")
+        return _local_ffn(x, experts, weights, w_gate, w_up, w_down, down=_Down(num_chunks), **kw).astype(x.dtype)
+    mesh, mesh_axis, algorithm = bound
+    tp = dict(mesh.shape)[mesh_axis]
+    if num_chunks % tp or F % num_chunks:
+        raise ValueError(f"d_expert {F} on the {mesh_axis!r} axis of size {tp}: the tensor-parallel degree must "
+                         f"divide num_chunks={num_chunks} and d_expert must be a multiple of {num_chunks}; pick "
+                         f"another degree, or map {axis!r} to null in the sharding rules")
+    down = _Down(num_chunks, mesh_axis, algorithm, num_chunks // tp)
+    body = functools.partial(_local_ffn, down=down, **kw)
+    cols, rows = PartitionSpec(None, None, mesh_axis), PartitionSpec(None, mesh_axis, None)
+    out = jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(),) * 3 + (cols, cols, rows),
+                        out_specs=PartitionSpec(), axis_names=frozenset({mesh_axis}), check_vma=False)(
+        x, experts, weights, w_gate, w_up, w_down)
+    return out.astype(x.dtype)
+
+
+def _local_ffn(x, experts, weights, w_gate, w_up, w_down, *, activation, mode, path, row_tile, k_chunk, down):
+    """The expert compute of this device's slice of F (all of it unbound) -> [T, D] float32,
+    reduced over the ranks of ``down.axis_name`` if any."""
     if mode == "standard":
-        return _standard(x, experts, weights, w_gate, w_up, w_down, activation).astype(x.dtype)
+        out = _standard(x, experts, weights, w_gate, w_up, w_down, activation)
+        return out if down.axis_name is None else lax.psum(out, down.axis_name)
     gemv_ok = gemv_matches_gemm(w_gate.shape[2], k_chunk) and gemv_matches_gemm(w_down.shape[2], k_chunk)
-    grouped = functools.partial(_grouped, activation=activation, row_tile=row_tile, k_chunk=k_chunk)
+    grouped = functools.partial(_grouped, activation=activation, row_tile=row_tile, k_chunk=k_chunk, down=down)
+    gemv = functools.partial(_gemv, activation=activation, k_chunk=k_chunk, down=down)
     if path == "auto":
         if experts.size > GEMV_MAX_ASSIGNMENTS or not gemv_ok:
             path = "grouped"
         else:  # small decode batch: AUTO_PATHS, decided when lowering for each platform
-            paths = {"gemv": functools.partial(_gemv, activation=activation, k_chunk=k_chunk), "grouped": grouped}
+            paths = {"gemv": gemv, "grouped": grouped}
             per_platform = {platform: paths[p] for platform, p in AUTO_PATHS.items()}
-            out = lax.platform_dependent(x, experts, weights, w_gate, w_up, w_down, **per_platform, default=grouped)
-            return out.astype(x.dtype)
+            return lax.platform_dependent(x, experts, weights, w_gate, w_up, w_down, **per_platform, default=grouped)
     if path == "gemv":
         if not gemv_ok:
             raise ValueError(
-                "the gemv path matches the grouped path only when d_expert and d_model are "
-                "multiples of 64 (see tiled_matmul.GEMV_COLS_MULTIPLE); use path='grouped'"
+                "the gemv path matches the grouped path only when d_expert (per tensor-parallel rank) and "
+                "d_model are multiples of 64 (see tiled_matmul.GEMV_COLS_MULTIPLE); use path='grouped'"
             )
-        out = _gemv(x, experts, weights, w_gate, w_up, w_down, activation, k_chunk)
-    elif path == "grouped":
-        out = grouped(x, experts, weights, w_gate, w_up, w_down)
-    else:
-        raise ValueError(f"unknown path {path!r}")
-    return out.astype(x.dtype)
+        return gemv(x, experts, weights, w_gate, w_up, w_down)
+    if path == "grouped":
+        return grouped(x, experts, weights, w_gate, w_up, w_down)
+    raise ValueError(f"unknown path {path!r}")

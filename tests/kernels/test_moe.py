@@ -6,9 +6,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tml.kernels import matmul, moe_ffn, route_topk
+from tml.kernels import chunked_linear, matmul, moe_ffn, route_topk
 from tml.kernels.testing import assert_bits_equal, bits_equal
 
 SETTINGS = settings(max_examples=5, deadline=None, derandomize=True)
@@ -73,6 +74,48 @@ def test_gemv_decode_path_equals_grouped_path():
     grouped = run(x, experts, weights, "grouped")
     gemv = run(x[:2], experts[:2], weights[:2], "gemv")
     assert_bits_equal(gemv, grouped[:2], "gemv path with two K chunks")
+
+
+def _reference_moe(x, experts, weights, wg, wu, wd):
+    """The documented algorithm from the public kernels, one expert at a time: each
+    expert's rows through the row-invariant ``matmul`` (gate, up), the routing weight on
+    the hidden activation, the down projection as ``chunked_linear`` (8 canonical chunks
+    of F in the fixed tree, the row-parallel layers' algorithm), the k slots added in
+    slot order. x [T, D], experts / weights [T, k] -> [T, D] in x.dtype."""
+    T, k = experts.shape
+    flat, wflat = np.asarray(experts).reshape(-1), jnp.asarray(weights).reshape(-1).astype(jnp.float32)
+    xa = jnp.repeat(jnp.asarray(x), k, axis=0)
+    y = jnp.zeros((T * k, x.shape[1]), jnp.float32)
+    for e in np.unique(flat):
+        rows = np.flatnonzero(flat == e)
+        g = matmul(xa[rows], wg[e], mode="batch_invariant", out_dtype=jnp.float32)
+        u = matmul(xa[rows], wu[e], mode="batch_invariant", out_dtype=jnp.float32)
+        h = jax.nn.silu(g) * u * wflat[rows][:, None]
+        y = y.at[rows].set(chunked_linear(h, wd[e].astype(jnp.float32), mode="batch_invariant"))
+    y = y.reshape(T, k, -1)
+    out = y[:, 0]
+    for j in range(1, k):
+        out = out + y[:, j]
+    return out.astype(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_and_gemv_paths_equal_the_reference_algorithm(dtype):
+    """Raw bits of both paths against the algorithm spelled out with the public kernels
+    (a guard for any faster implementation of the same arithmetic), float32 and bfloat16;
+    the ``standard`` path is a different sum (its down projection is one contraction)."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((T_FULL, D)), dtype)
+    weights, experts = route_topk(jnp.asarray(x, jnp.float32) @ ROUTER, 2)
+    weights = weights.astype(dtype)
+    wg, wu, wd = (w.astype(dtype) for w in (WG, WU, WD))
+    ref = _reference_moe(x, experts, weights, wg, wu, wd)  # eager: per-expert row sets are data
+    run = jax.jit(lambda x, e, w, a, b, c, m, p: moe_ffn(x, e, w, a, b, c, mode=m, path=p), static_argnums=(6, 7))
+    assert_bits_equal(run(x, experts, weights, wg, wu, wd, "batch_invariant", "grouped"), ref, f"grouped {dtype}")
+    assert_bits_equal(run(x[:2], experts[:2], weights[:2], wg, wu, wd, "batch_invariant", "gemv"), ref[:2],
+                      f"gemv {dtype}")
+    if dtype == "float32":  # bf16 rounds the last bits away
+        assert not bits_equal(run(x, experts, weights, wg, wu, wd, "standard", "grouped"), ref)
 
 
 def test_standard_mode_breaks_token_invariance():
@@ -169,7 +212,6 @@ def test_auto_path_is_chosen_per_lowering_platform():
     path (its lax.scan over row tiles is the tell-tale ``while``), even when exported
     from this CPU host."""
     from jax import export
-
     from tml.kernels.moe import AUTO_PATHS
 
     rng = np.random.default_rng(5)
@@ -181,3 +223,32 @@ def test_auto_path_is_chosen_per_lowering_platform():
     assert loops == {"cpu": False, "cuda": True, "tpu": True}, loops
     grouped = export.export(jax.jit(lambda x: moe_layer(x, 2, "batch_invariant", "grouped")), platforms=["cpu"])(x)
     assert "stablehlo.while" in grouped.mlir_module()  # the tell-tale is the grouped path's
+
+
+@pytest.fixture(scope="module")
+def tp_results():
+    """tests/kernels/moe_tp_check.py in a subprocess with 8 fake CPU devices."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    p = subprocess.run([sys.executable, "-m", "tests.kernels.moe_tp_check"], capture_output=True, text=True,
+                       env=env, cwd=repo, timeout=900, check=False)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_tensor_parallel_expert_width_gives_the_one_device_bits(tp_results):
+    """``moe_ffn(axis="expert_mlp")`` with F split over 2, 4, 8 devices (one-shot and
+    two-shot reductions of the down projection's canonical chunks): the one-device bits,
+    grouped and GEMV paths, float32 and bfloat16; ``standard`` (psum) differs in float32."""
+    assert tp_results["device_count"] == 8
+    cases = tp_results["cases"]
+    for name, runs in cases.items():
+        if name.endswith("batch_invariant"):
+            assert len(runs) == 4 and all(r["bitwise"] for r in runs.values()), (name, runs)
+    assert not any(r["bitwise"] for r in cases["float32/grouped/standard"].values())

@@ -292,6 +292,7 @@ def test_tensor_parallel_reads_the_row_parallel_axes_from_the_rules():
     rules = invariant_rules()
     assert all(rules[name] == () for name in NOT_TP_INVARIANT)
     assert rules["q_heads"] == ("tensor",) and rules["kv_heads"] == ("tensor",)
-    assert row_parallel_mesh_axes(amesh(tensor=4), rules)["expert_mlp"] is None
+    assert rules["expert_mlp"] == ("tensor",)  # the expert down projection is row-parallel in kernels.moe_ffn
+    assert row_parallel_mesh_axes(amesh(tensor=4), rules)["expert_mlp"] == "tensor"
     with pytest.raises(ValueError, match="several mesh axes"):
         row_parallel_mesh_axes(amesh(fsdp=2, tensor=2), {**DEFAULT_RULES, "mlp": ["fsdp", "tensor"]})

@@ -2,10 +2,11 @@
 one device, raw bits, for every sampled token (and the trainer's own forward on TP = 4
 == one device); ``standard`` (psum) diverges on the same runs.
 
-The engine (``Engine(..., mesh=)``) shards heads and MLP widths on ``tensor``
-(:func:`tml.parallel.invariant_rules`); every row-parallel layer reduces its canonical
-chunks in one fixed tree (``kernels.row_parallel_linear``: one-shot, or two-shot for the
-``tp4_two_shot`` run). Each mode runs in its own 8-device subprocess
+The engine (``Engine(..., mesh=)``) shards heads, MLP and MoE expert widths on
+``tensor`` (:func:`tml.parallel.invariant_rules`); every row-parallel layer — attention
+``wo``, the MLP ``down`` and the experts' down projection — reduces its canonical chunks
+in one fixed tree (``kernels.row_parallel_linear`` / ``kernels.moe_ffn(axis=...)``:
+one-shot, or two-shot for the ``tp4_two_shot`` run). Each mode runs in its own 8-device subprocess
 (tests/sampler/tp_alignment_check.py), both started at collection time so they compile
 side by side while other tests run. Where standard diverges here: the psum of the
 row-parallel partials (max |Δ log-prob| 1.5e-5..3e-5 measured for the sampler, 1.2e-6
@@ -62,6 +63,14 @@ def sessions(arrays, run):
 @pytest.mark.slow
 def test_helper_saw_eight_devices(results):
     assert all(int(r["device_count"]) == 8 for r in results.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["tp2", "tp4"])
+def test_moe_expert_widths_are_sharded_on_tensor(results, run):
+    """The MoE layer takes part: its expert down projection [E, F, D] has F on ``tensor``."""
+    for r in results.values():
+        assert str(r[f"{run}/moe_w_down_f_axis"]) == "tensor"
 
 
 @pytest.mark.slow

@@ -7,7 +7,8 @@ In kernel mode MODE, serves two sessions for three micro-turns on an engine over
 tensor-parallel mesh of 2 and of 4 devices (and of 4 with the two-shot reduction in
 ``batch_invariant``), scores the finished sessions with the trainer's :func:`score` on
 one device, and also on the TP = 4 mesh (the trainer's forward under
-:func:`tml.parallel.tensor_parallel`). Writes every log-prob array to OUT.npz.
+:func:`tml.parallel.tensor_parallel`). The MoE layer's expert widths are sharded on
+``tensor`` too (its weights' sharding is recorded). Writes every log-prob array to OUT.npz.
 """
 
 import os
@@ -19,17 +20,25 @@ import dataclasses
 
 import jax
 import numpy as np
+from flax import nnx
 
 from tests.model.tiny_model import CFG
 from tests.parallel.parallel_fixtures import numpy_model
 from tests.sampler.scenario import inputs_for, sampler_vs_score
 from tml import kernels
-from tml.parallel import MeshConfig, TensorParallel, make_mesh, shard_model, tensor_parallel
+from tml.parallel import (
+    MeshConfig,
+    TensorParallel,
+    make_mesh,
+    shard_model,
+    tensor_parallel,
+)
 from tml.parallel.tensor import invariant_rules
 from tml.sampler import Engine, score
 
-# The tiny test model with every column-parallel width a multiple of 64 on each of 4
-# ranks (q heads 4 x 64, kv heads 4 x 64, d_ff 256, the shared expert d_expert 256): XLA:CPU's GEMM gives a column other bits when a
+# The tiny test model (one dense layer, one MoE layer: 4 routed experts + a shared one)
+# with every column-parallel width a multiple of 64 on each of 4 ranks (q heads 4 x 64,
+# kv heads 4 x 64, d_ff 256, d_expert 256 for the routed and the shared experts): XLA:CPU's GEMM gives a column other bits when a
 # matrix has fewer than 64 columns per device (measured: [100, 64] @ [64, 64] split into
 # 2 x 32 columns changed bits; 2 x 64 of a 128-column one did not), so narrower
 # column-parallel layers would not be TP-invariant even with ordered reductions.
@@ -64,7 +73,12 @@ def main():
     with kernels.kernel_mode(mode):
         runs = RUNS if mode == "batch_invariant" else RUNS[:2]
         for name, tp, algorithm in runs:
-            sessions = serve(model, TensorParallel(tp_mesh(tp), algorithm=algorithm))
+            tp_setup = TensorParallel(tp_mesh(tp), algorithm=algorithm)
+            sessions = serve(model, tp_setup)
+            # the MoE layer is really split: its expert weights' F axis on ``tensor``
+            placed = jax.tree_util.tree_leaves_with_path(tp_setup.place(nnx.state(model)))
+            arrays[f"{name}/moe_w_down_f_axis"] = np.asarray(next(
+                str(leaf.sharding.spec[1]) for path, leaf in placed if "w_down" in jax.tree_util.keystr(path)))
             scored = score(model, [turns for _, turns in sessions])  # the trainer, one device
             for i, ((outs, _), sc) in enumerate(zip(sessions, scored)):
                 mine, theirs = sampler_vs_score(outs, sc)

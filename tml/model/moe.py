@@ -9,6 +9,8 @@ toward under-used experts by :func:`update_balance_bias` (auxiliary-loss-free ba
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,7 +18,7 @@ from flax import nnx
 from tml import kernels
 from tml.model.config import ModelConfig
 from tml.model.layers import Linear, SwiGLU, normal
-from tml.parallel.expert import moe_ffn
+from tml.parallel.expert import bound_expert_parallel, moe_ffn
 
 
 class RouterBias(nnx.Variable):
@@ -50,9 +52,12 @@ class MoE(nnx.Module):
         flat = x.reshape(-1, shape[-1])
         weights, experts = self.route(flat)
         dt = x.dtype
-        # kernels.moe_ffn; all-to-all over the mesh inside tml.parallel.expert_parallel()
-        y = moe_ffn(flat, experts, weights.astype(dt), self.w_gate[...].astype(dt),
-                    self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        # kernels.moe_ffn; all-to-all over the mesh inside tml.parallel.expert_parallel(); else the
+        # expert width is row-parallel over the mesh axis tml.parallel.tensor_parallel() binds
+        # "expert_mlp" to (the down projection's canonical chunks, one fixed tree at every TP degree)
+        ffn = moe_ffn if bound_expert_parallel() is not None else functools.partial(kernels.moe_ffn, axis="expert_mlp")
+        y = ffn(flat, experts, weights.astype(dt), self.w_gate[...].astype(dt),
+                self.w_up[...].astype(dt), self.w_down[...].astype(dt))
         if self.shared is not None:
             y = y + self.shared(flat)
         hits = jax.nn.one_hot(experts, self.n_experts, dtype=jnp.float32).sum(1)   # [N, E]

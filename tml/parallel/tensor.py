@@ -67,7 +67,6 @@ def tensor_parallel(mesh, rules: Rules | None = None, *, algorithm: str = "one_s
 #: sharded, each changed the logits' bits at TP = 2 or 4 while everything else was bitwise.
 NOT_TP_INVARIANT: dict[str, str] = {
     "mel_vocab": "the dMel embedding (a one-hot matmul) contracts the sharded table rows, which GSPMD psums",
-    "expert_mlp": "the expert down projection contracts it inside kernels.moe_ffn, which GSPMD psums",
     "patch_out": "the next hMLP layer contracts the sharded width, which GSPMD psums",
 }
 
@@ -75,8 +74,10 @@ NOT_TP_INVARIANT: dict[str, str] = {
 def invariant_rules(rules: Rules | None = None) -> dict:
     """``rules`` (default :data:`~tml.parallel.DEFAULT_RULES`) with the axes of
     :data:`NOT_TP_INVARIANT` replicated: the layout under which a tensor-parallel program
-    gives the single-device bits (heads and MLP width on ``tensor``; experts may still be
-    split over ``expert``, which contracts nothing)."""
+    gives the single-device bits (heads, MLP and expert widths on ``tensor`` — the expert
+    down projection is row-parallel inside :func:`tml.kernels.moe_ffn` since it takes the
+    logical ``axis="expert_mlp"``; experts may still be split over ``expert``, which
+    contracts nothing)."""
     table = dict(normalize_rules(rules))
     table.update({name: () for name in NOT_TP_INVARIANT})
     return table
