@@ -116,3 +116,29 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     assert out["all-gather"] == {"count": 1, "bytes": 32, "step_count": 3, "step_bytes": 96}
     assert out["collective-permute"] == {"count": 1, "bytes": 32, "step_count": 1, "step_bytes": 32}
     assert out["loops"] == {"unknown_trip_counts": 1}
+
+
+def test_a_program_that_does_not_fit_is_reported_not_raised():
+    """The TPU compiler's out-of-memory error becomes the plan's "does not fit" row with the
+    temporaries it asked for; any other error propagates."""
+
+    class Stage:
+        def __init__(self, error):
+            self.error = error
+
+        def trace(self, *args):
+            return self
+
+        def lower(self):
+            return self
+
+        def compile(self):
+            raise RuntimeError(self.error)
+
+    oom = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+           "(416.71G) exceeds available HBM (95.74G).")
+    p = aot._program(Stage(oom))
+    assert p["temporaries_required"] == pytest.approx(416.71 * 2**30)
+    assert set(p["seconds"]) == {"trace", "lower", "compile"} and "RESOURCE_EXHAUSTED" in p["error"]
+    with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
+        aot._program(Stage("INVALID_ARGUMENT: something else"))

@@ -262,16 +262,16 @@ def compile_plan(cfg, devices, *, platform: str, impl: str = "reference") -> dic
     b_sh = {k: batch_sharding(mesh, rules, tc.batch_size) for k in batch}
     step = make_train_step(graphdef, tx, LossWeights(tc.loss_text, tc.loss_speech, tc.loss_control),
                            cfg.model.balance_rate, micro_batches=tc.micro_batches, mesh=mesh)
-    timings: dict[str, dict[str, float]] = {}
+    programs: dict[str, dict] = {}
     with kernels.kernel_mode(tc.kernel_mode), kernels.kernel_impl(impl), kernels.compile_target(platform):
         opt_state = jax.eval_shape(tx.init, params)
         o_sh = optimizer_shardings(opt_state, params, p_sh, rep)
         grads_j = jax.jit(step.gradients, in_shardings=(p_sh, r_sh, b_sh), out_shardings=(p_sh, rep, rep))
-        grads_c, timings["gradients"] = _timed_compile(grads_j, params, rest, batch)
+        programs["gradients"] = _program(grads_j, params, rest, batch)
         grads, _, load = jax.eval_shape(step.gradients, params, rest, batch)
         update_j = jax.jit(step.update, in_shardings=(p_sh, r_sh, o_sh, p_sh, rep),
                            out_shardings=(p_sh, r_sh, o_sh, rep), donate_argnums=(0, 1, 2))
-        update_c, timings["update"] = _timed_compile(update_j, params, rest, opt_state, grads, load)
+        programs["update"] = _program(update_j, params, rest, opt_state, grads, load)
     total_params, per_params = bytes_per_device(params, rules, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
     return {
@@ -280,36 +280,54 @@ def compile_plan(cfg, devices, *, platform: str, impl: str = "reference") -> dic
         "mesh": {a: int(n) for a, n in dict(mesh.shape).items()},
         "batch": {"rows": tc.batch_size, "row_length": cfg.loader.row_length,
                   "micro_batches": tc.micro_batches, "kernel_mode": tc.kernel_mode, "impl": impl},
+        "layers": cfg.model.n_layers,
         "parameters": {"count": int(n_params), "bytes_total": int(total_params), "bytes_per_device": per_params},
         "optimizer": {"bytes_per_device": _shard_bytes(opt_state, o_sh)},
-        "programs": {
-            "gradients": {"memory": _memory(grads_c), "collectives": collective_bytes(grads_c.as_text()),
-                          "seconds": timings["gradients"]},
-            "update": {"memory": _memory(update_c), "collectives": collective_bytes(update_c.as_text()),
-                       "seconds": timings["update"]},
-        },
+        "fits": all("error" not in p for p in programs.values()),
+        "programs": programs,
     }
 
 
-def _timed_compile(jitted, *args):
-    """``jitted.trace(*args).lower().compile()`` → (compiled, {"trace", "lower", "compile"}
-    seconds); each phase's time is printed to stderr as it ends (a full-size compile runs
-    for many minutes)."""
+_OUT_OF_MEMORY = re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\)")
+
+
+def _program(jitted, *args) -> dict:
+    """One program compiled → {"memory", "collectives", "seconds"}; a program that does not
+    fit the device's memory (the TPU compiler's RESOURCE_EXHAUSTED) → {"error", "seconds",
+    "temporaries_required"} (bytes, parsed from the message) instead of an exception."""
+    seconds: dict[str, float] = {}
+    try:
+        compiled = _timed_compile(jitted, args, seconds)
+    except Exception as e:  # jax.errors.JaxRuntimeError; anything but out-of-memory is re-raised
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg:
+            raise
+        m = _OUT_OF_MEMORY.search(msg)
+        need = float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_") if m else None
+        return {"error": msg.strip().splitlines()[0][:400], "seconds": seconds,
+                "temporaries_required": need}
+    return {"memory": _memory(compiled), "collectives": collective_bytes(compiled.as_text()), "seconds": seconds}
+
+
+def _timed_compile(jitted, args, seconds: dict):
+    """``jitted.trace(*args).lower().compile()``, the seconds of each phase written into
+    ``seconds`` ("trace", "lower", "compile") and printed to stderr as it ends (a
+    full-size compile runs for many minutes)."""
     import time
 
     name = getattr(jitted, "__name__", "program")
-    seconds: dict[str, float] = {}
 
     def timed(phase, fn):
         t = time.perf_counter()
-        out = fn()
-        seconds[phase] = round(time.perf_counter() - t, 2)
-        print(f"  {name}: {phase} {seconds[phase]:.1f} s", file=sys.stderr, flush=True)
-        return out
+        try:
+            return fn()
+        finally:
+            seconds[phase] = round(time.perf_counter() - t, 2)
+            print(f"  {name}: {phase} {seconds[phase]:.1f} s", file=sys.stderr, flush=True)
 
     traced = timed("trace", lambda: jitted.trace(*args))
     lowered = timed("lower", traced.lower)
-    return timed("compile", lowered.compile), seconds
+    return timed("compile", lowered.compile)
 
 
 # ---------------------------------------------------------------------------
@@ -326,6 +344,14 @@ def table_rows(plan: dict) -> list[tuple[str, str, str]]:
     g, u = plan["programs"]["gradients"], plan["programs"]["update"]
     rows = [("parameters / device", _gib(plan["parameters"]["bytes_per_device"]), ""),
             ("optimizer state / device", _gib(plan["optimizer"]["bytes_per_device"]), "")]
+    if not plan.get("fits", True):
+        def oom(p):
+            need = p.get("temporaries_required")
+            return "fits" if "error" not in p else ("does not fit: " + (f"temporaries {_gib(need)}" if need else
+                                                                         p["error"]))
+        rows.append(("device memory", oom(g), oom(u)))
+        rows.append(("compile time (trace + lower + compile)", _seconds(g["seconds"]), _seconds(u["seconds"])))
+        return rows
     for key in ("arguments", "outputs", "temporaries"):
         label = "temporaries (activations)" if key == "temporaries" else key
         rows.append((label, _gib(g["memory"][key]), _gib(u["memory"][key])))
@@ -338,7 +364,8 @@ def table_rows(plan: dict) -> list[tuple[str, str, str]]:
 
 
 def _seconds(s: dict) -> str:
-    return f"{sum(s.values()):,.0f} s ({s['trace']:,.0f} + {s['lower']:,.0f} + {s['compile']:,.0f})"
+    parts = " + ".join(f"{s[k]:,.0f}" for k in ("trace", "lower", "compile") if k in s)
+    return f"{sum(s.values()):,.0f} s ({parts})"
 
 
 def format_table(plan: dict) -> str:
