@@ -113,16 +113,22 @@ def test_rollback_and_reappend(runs, mode, equal):
 @pytest.mark.parametrize("mode,equal", MODES)
 def test_bfloat16_compute(mode, equal):
     """bfloat16 activations (float32 log-softmax): two sessions, 4 micro-turns, on the
-    tiny model without experts. With the MoE layer, bf16 is not batch-invariant in the
-    model itself (a KVCache chunk of 8 vs the full row already differ at position 0 in
-    ``kernels.moe_ffn``, measured on this CPU), so the MoE config is left out here.
-    Standard diverges (bf16 rounding of differently ordered sums)."""
-    cfg = CFG.__class__(**{**CFG.__dict__, "dtype": "bfloat16", "n_experts": 0})
+    tiny MoE model (a dense layer, then a MoE layer: 4 routed experts top-2 and a shared
+    one) — the engine's 32-token prefill chunks run ``kernels.moe_ffn``'s grouped path, its
+    decode steps (2 sessions x top-2 = 4 assignments) the GEMV path, and ``score``'s whole
+    rows the grouped path over many more tiles. Bitwise because every bf16 value is
+    upcast exactly and all MoE arithmetic is float32 at fixed points: gate/up/down in
+    canonical chunks, the routing weight on the hidden activation, the slot-order
+    combine, one rounding to bf16 at the end (tests/kernels/test_moe.py checks both
+    paths against the reference algorithm in bf16). Standard diverges (bf16 rounding of
+    differently ordered sums)."""
+    cfg = CFG.__class__(**{**CFG.__dict__, "dtype": "bfloat16"})
+    assert "moe" in cfg.resolved_mlp_types()
     model = InteractionModel(cfg, rngs=nnx.Rngs(0))
     with kernels.kernel_mode(mode):
         eng = Engine(model, max_sessions=2, batch_buckets=(2,), chunk_buckets=(32,), patch_buckets=(4,),
                      max_output_tokens=8, max_text_bytes=2, max_context=128, vocoder=False)
-        assert eng.k.dtype == jnp.bfloat16
+        assert eng.kv_dtype == jnp.bfloat16
         sids = [eng.open(seed=s) for s in (5, 6)]
         feeds = [inputs_for(s, 4) for s in (5, 6)]
         for t in range(4):

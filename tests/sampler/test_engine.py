@@ -2,6 +2,7 @@
 weights swapped without recompiling, bad input an error to its caller only, the
 streaming dMel front end, the output grammar and counter-based sampling."""
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -16,6 +17,7 @@ from tml.stream import layout
 from tml.stream.micro_turns import pad_to_micro_turns
 from tml.text import ByteTokenizer
 
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
 KW = {**ENGINE, "max_prefill_chunk": 8, "chunk_buckets": (8,)}
 
 
@@ -29,16 +31,29 @@ def bits(x):
 
 
 def test_thirty_ticks_of_growing_sessions_compile_nothing_after_warm_up(model):
-    eng = Engine(model, **{**KW, "max_context": 1024, "max_output_tokens": 6})
+    """The first tick compiles the prefill and decode programs, then nothing is compiled:
+    the model call's count stays, and no other XLA program is compiled during any tick
+    (the frame sum of a speaking micro-turn included: the engine compiles it when built)."""
+    eng = Engine(model, **{**KW, "max_context": 1024, "max_output_tokens": 6, "max_text_bytes": 0})
     sids = [eng.open(seed=s) for s in range(3)]
     feeds = [inputs_for(200 + s, 30) for s in range(3)]
-    counts = []
-    for t in range(30):
-        for sid, f in zip(sids, feeds):
-            eng.append(sid, f[t])
-        eng.tick()
-        counts.append(eng.compiled_programs())
+    counts, compiled, spoke = [], [], 0
+    tick = [0]
+    listen = lambda event, secs, **kw: compiled.append((kw.get("fun_name"), tick[0])) if event == BACKEND_COMPILE else None
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        for t in range(30):
+            tick[0] = t
+            for sid, f in zip(sids, feeds):
+                eng.append(sid, f[t])
+            spoke += any(len(o.speech) for o in eng.tick().values())
+            counts.append(eng.compiled_programs())
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
     assert counts[-1] == counts[0], counts  # the first tick compiled prefill + decode, then none
+    assert spoke, "seeded run: the sessions speak"
+    # only the model call and the inputs' host-to-device staging, and only in the first tick
+    assert {f for f, t in compiled} <= {"jit(_advance)", "jit(stage)"} and {t for f, t in compiled} <= {0}, compiled
     assert min(eng.length(s) for s in sids) > 2 * 64  # the sessions grew over several pages
     eng.pool.check()
 

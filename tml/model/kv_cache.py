@@ -6,7 +6,17 @@ all sessions (the streaming sampler's, :mod:`tml.sampler`).
 Both caches give the model the same three things: ``attention_mask(n_new, chunk)`` (the
 keys a chunk's queries see, with an ``attend(q, k, v, window)`` method),
 ``layer(i, n_new)`` (a view whose ``write`` is the one cache write) and
-``appended(ks, vs, n_new)`` (the cache after the chunk).
+``appended(ks, vs, n_new)`` (the cache after the chunk, from each layer's written
+buffers ``ks, vs``: n_layers arrays, what the views' ``write`` returned).
+
+Storage: :class:`KVCache` stacks the layers (k, v [n_layers, B, capacity, Hkv, hd]; the
+trainer-side incremental forward, small). :class:`PagedKVCache` keeps **one pool per
+layer** (k, v tuples of n_layers [n_pages, page_size, Hkv, hd]): ``layer(i)`` hands out
+pool i itself and ``appended`` regroups the written pools into a tuple, so inside a
+jitted call whose pools are donated each layer's write is a scatter into its own input
+buffer, done in place — no slice of a stacked pool, no restack, so no per-call cost grows
+with the pool size (``tests/sampler/test_paged_cache.py``; a stacked pool copied all of
+it twice per call).
 
 A chunk of C tokens is written at slots ``[length, length + C)`` of each session; the
 slot is the attention kernel's key index, so the split a key falls in depends on its
@@ -130,28 +140,33 @@ class PagedLayerKV(NamedTuple):
 class PagedKVCache(NamedTuple):
     """Keys and values of all sessions in one pool per layer, owned by the sampler.
 
-    k, v: [n_layers, n_pages, page_size, Hkv, hd]; page_table: int32 [B, P] the pages of
-    each row's session (unused entries :data:`RESERVED_PAGE`); lengths: int32 [B] valid
-    slots per row. Which pages a session owns is decided outside
-    (:class:`tml.sampler.pages.PagePool`); ``page_size`` must be a multiple of the
-    attention split size so a key's split depends on its logical slot only.
+    k, v: tuples of n_layers pools, each [n_pages, page_size, Hkv, hd] (one array per
+    layer, so a layer's write scatters into its own donated buffer in place: no slice
+    of a stacked pool, no restack, nothing that copies the pool per call); page_table:
+    int32 [B, P] the pages of each row's session (unused entries
+    :data:`RESERVED_PAGE`); lengths: int32 [B] valid slots per row. Which pages a
+    session owns is decided outside (:class:`tml.sampler.pages.PagePool`);
+    ``page_size`` must be a multiple of the attention split size so a key's split
+    depends on its logical slot only.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     page_table: jax.Array
     lengths: jax.Array
 
     @classmethod
-    def empty_pool(cls, cfg: ModelConfig, n_pages: int, page_size: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-        """Zeroed pools k, v [n_layers, n_pages, page_size, Hkv, hd] (zeros: finite)."""
-        shape = (cfg.n_layers, n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    def empty_pool(cls, cfg: ModelConfig, n_pages: int, page_size: int,
+                   dtype=jnp.float32) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+        """Zeroed pools k, v: n_layers arrays [n_pages, page_size, Hkv, hd] each (zeros: finite)."""
+        shape = (n_pages, page_size, cfg.n_kv_heads, cfg.head_dim)
+        return (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+                tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)))
 
     @property
     def capacity(self) -> int:
         """Slots one row can address: P * page_size."""
-        return self.page_table.shape[1] * self.k.shape[2]
+        return self.page_table.shape[1] * self.k[0].shape[1]
 
     def attention_mask(self, n_new: jax.Array, chunk: int) -> PagedAttentionMask:
         i = jnp.arange(chunk, dtype=jnp.int32)[None]
@@ -162,5 +177,6 @@ class PagedKVCache(NamedTuple):
         return PagedLayerKV(self.k[i], self.v[i], self.page_table, self.lengths, n_new)
 
     def appended(self, ks: list[jax.Array], vs: list[jax.Array], n_new: jax.Array) -> "PagedKVCache":
-        """The cache after a chunk: every layer's written pools and lengths grown by n_new."""
-        return PagedKVCache(jnp.stack(ks), jnp.stack(vs), self.page_table, self.lengths + n_new)
+        """The cache after a chunk: every layer's written pools (kept one per layer) and
+        lengths grown by n_new."""
+        return PagedKVCache(tuple(ks), tuple(vs), self.page_table, self.lengths + n_new)

@@ -23,7 +23,10 @@ bit for bit in ``batch_invariant`` mode.
 fixed sets (``batch_buckets``, ``chunk_buckets``, ``patch_buckets``), so the compiled
 programs are reused tick after tick; the weights are an argument of the compiled
 program, so :meth:`Engine.set_params` swaps them without recompiling
-(:meth:`Engine.compiled_programs` counts them). The pool is donated to each call.
+(:meth:`Engine.compiled_programs` counts them). The pool — one array per layer and per
+k/v (:class:`~tml.model.kv_cache.PagedKVCache`) — is donated to each call and written in
+place (the compiled program aliases each pool input to its output), so a call costs what
+its chunk and the visible keys cost, not what the pool holds.
 
 **Pages.** ``append`` reserves the pages for the micro-turn's inputs plus the output
 budget (``max_output_tokens``), all or nothing, so capacity and pool exhaustion are
@@ -85,7 +88,8 @@ class _NoVideo:
 
 def _advance(graphdef, state, k, v, table, lengths, chunk, n_new, video=True):
     """One batched call: the chunk appended to each row's pages → (log-probs of the last
-    real position: text [B, V] and speech [B, n_mels, n_bins], the pools). ``video``
+    real position: text [B, V] and speech [B, n_mels, n_bins], the pools: k, v tuples of
+    n_layers [n_pages, page_size, Hkv, hd], donated and written in place). ``video``
     (static) False: the chunk has no patch, skip the video encoder (:class:`_NoVideo`)."""
     model = nnx.merge(graphdef, state)
     if not video:
@@ -111,6 +115,16 @@ def _program(graphdef):
     fn = jax.jit(functools.partial(_advance, graphdef), donate_argnums=(1, 2), static_argnames=("video",))
     _PROGRAMS.append((graphdef, fn))
     return fn
+
+
+def _compile_frame_sum() -> None:
+    """Compile :func:`~tml.sampler.score.speech_frame_logprob` on a frame's [80] channel
+    log-probs in every kernel mode now (the mode is part of jit's cache key), so a
+    session's first speaking micro-turn does not compile it in the middle of a tick.
+    Once per process: later calls hit jit's cache."""
+    for m in kernels.MODES:
+        with kernels.kernel_mode(m):
+            speech_frame_logprob(np.zeros(N_MELS, np.float32))
 
 
 def _tensor_parallel(mesh):
@@ -181,8 +195,31 @@ class Engine:
         if self._tp is not None:
             self.k, self.v = self._tp.replicate((self.k, self.v))
         self._advance = _program(self.graphdef)
+        _compile_frame_sum()
         self._sessions: dict[int, Session] = {}
         self._next_id = 0
+
+    # ------------------------------------------------------------------- pool
+    @property
+    def kv_dtype(self):
+        """The pool's dtype (the model's compute dtype)."""
+        return self.k[0].dtype
+
+    def read_pages(self, pages) -> tuple[np.ndarray, np.ndarray]:
+        """The raw contents of pool pages (int [n]) → k, v [n_layers, n, page_size, Hkv, hd]."""
+        idx = np.asarray(pages, np.int32)
+        get = lambda pools: np.stack([np.asarray(jax.device_get(p[idx])) for p in pools])
+        return get(self.k), get(self.v)
+
+    def write_pages(self, pages, k: np.ndarray, v: np.ndarray) -> None:
+        """k, v [n_layers, n, page_size, Hkv, hd] (the pool's dtype) into pool pages (int [n])
+        (:meth:`restore`; between ticks)."""
+        idx = jnp.asarray(np.asarray(pages, np.int32))
+        if k.shape != v.shape or len(k) != len(self.k) or k.shape[2:] != self.k[0].shape[1:] or len(k[0]) != len(idx):
+            raise ValueError(f"write_pages: k {k.shape}, v {v.shape} must be [n_layers={len(self.k)}, "
+                             f"{len(idx)} pages, *{self.k[0].shape[1:]}]")
+        self.k = tuple(p.at[idx].set(jnp.asarray(x, p.dtype)) for p, x in zip(self.k, k))
+        self.v = tuple(p.at[idx].set(jnp.asarray(x, p.dtype)) for p, x in zip(self.v, v))
 
     # ------------------------------------------------------------------ weights
     def set_params(self, params: nnx.State | InteractionModel) -> None:
@@ -222,6 +259,25 @@ class Engine:
         """How many programs the model call has compiled (one per shape bucket, kernel
         mode and dtype in use; shared by the engines of one architecture)."""
         return self._advance._cache_size()
+
+    def call_args(self, batch: int, chunk: int, n_patches: int = 1) -> tuple:
+        """The arguments of one model call of shape bucket (batch, chunk, n_patches) — the
+        weights, the pools, an all-padding chunk (``n_new`` 0: it writes nowhere) — in the
+        order the compiled program takes them: ``(state, k, v, table, lengths, chunk, n_new)``.
+        For :meth:`lower` and ``jax.export`` (``tests/sampler/test_export.py``)."""
+        B = bucket(batch, self.batch_buckets, "sessions")
+        T = bucket(chunk, self.chunk_buckets, "prefill tokens") if chunk > 1 else 1
+        n_patches = bucket(n_patches, self.patch_buckets, "patches")
+        zeros = jnp.zeros((B,), jnp.int32)
+        return (self.state, self.k, self.v, jnp.zeros((B, self.pool.max_pages), jnp.int32), zeros,
+                {k: jnp.asarray(a) for k, a in self._empty_chunk(B, T, n_patches).items()}, zeros)
+
+    def lower(self, batch: int, chunk: int, n_patches: int = 1, video: bool = True) -> jax.stages.Lowered:
+        """The model call a tick runs at this shape bucket, lowered (not run, nothing donated):
+        ``.compile().as_text()`` shows the pools aliased input to output, ``memory_analysis()``
+        that no temporary grows with the pool. chunk 1 with ``video=False``: a decode step."""
+        with contextlib.nullcontext() if self._tp is None else self._tp.binding():
+            return self._advance.lower(*self.call_args(batch, chunk, n_patches), video=video)
 
     # ----------------------------------------------------------------- sessions
     def open(self, seed: int, context: str | None = None, sampling: SamplingParams | None = None) -> int:

@@ -1,7 +1,7 @@
 """The page pool: which KV pages of the one shared pool each session owns (pure Python).
 
 The keys and values of every session live in one pool per layer
-(:class:`tml.model.kv_cache.PagedKVCache`, ``[n_layers, n_pages, page_size, Hkv, hd]``);
+(:class:`tml.model.kv_cache.PagedKVCache`, n_layers arrays ``[n_pages, page_size, Hkv, hd]``);
 a session's logical slot ``s`` is stored at ``pages[s // page_size]``, offset
 ``s % page_size``. Because ``page_size`` is a multiple of the attention split size
 (:data:`tml.kernels.SPLIT_SIZE`), the split a key falls in is a function of its logical

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from tml.files import atomic_write_bytes, atomic_write_json
@@ -149,8 +148,8 @@ def _session_from(record: dict, z) -> tuple[Session, np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------ save / restore
 def _identity(engine: "Engine") -> dict:
     return {"model_config": config_to_dict(engine.cfg), "config_fingerprint": config_fingerprint(engine.cfg),
-            "kv_dtype": str(engine.k.dtype), "page_size": engine.pool.page_size,
-            "kv_page_shape": list(engine.k.shape[2:]), "n_layers": int(engine.k.shape[0]),
+            "kv_dtype": str(engine.kv_dtype), "page_size": engine.pool.page_size,
+            "kv_page_shape": list(engine.k[0].shape[1:]), "n_layers": len(engine.k),
             "vocab_size": engine.tokenizer.vocab_size, "weights_digest": engine.weights_digest()}
 
 
@@ -165,8 +164,7 @@ def save(engine: "Engine", directory: str | os.PathLike) -> Path:
     records, arrays = [], {}
     for s in engine._sessions.values():
         pages = np.asarray(engine.pool.pages(s.sid), np.int32)
-        k = np.asarray(jax.device_get(engine.k[:, pages]))
-        v = np.asarray(jax.device_get(engine.v[:, pages]))
+        k, v = engine.read_pages(pages)
         rec, arr = _session_record(s, k, v)
         records.append(rec)
         arrays.update(arr)
@@ -246,7 +244,7 @@ def restore(engine: "Engine", directory: str | os.PathLike) -> list[int]:
     if len(loaded) > engine.max_sessions:
         raise SnapshotError(f"the snapshot holds {len(loaded)} sessions, this engine serves max_sessions="
                             f"{engine.max_sessions}: build it with more")
-    kv_dtype = engine.k.dtype
+    kv_dtype = engine.kv_dtype
     opened = []
     try:
         for s, k, v in loaded:
@@ -257,8 +255,7 @@ def restore(engine: "Engine", directory: str | os.PathLike) -> list[int]:
             if len(pages) != k.shape[1]:
                 raise SnapshotError(f"session {s.sid} holds {s.length} KV slots in {k.shape[1]} saved pages, "
                                     f"not {len(pages)}: the snapshot is inconsistent, save it again")
-            engine.k = engine.k.at[:, pages].set(jnp.asarray(k.view(kv_dtype)))
-            engine.v = engine.v.at[:, pages].set(jnp.asarray(v.view(kv_dtype)))
+            engine.write_pages(pages, k.view(kv_dtype), v.view(kv_dtype))
     except BaseException:
         for sid in opened:
             engine.pool.close(sid)
