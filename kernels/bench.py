@@ -4,9 +4,11 @@
     python -m tml.kernels.bench --out my.json --configs tiny --repeats 5
     python -m tml.kernels.bench --quick             # a smoke run (few shapes, 1 repeat)
     python -m tml.kernels.bench --paged             # paged_attention vs pool / page-table size
+    python -m tml.kernels.bench --segments          # training-row attention: skipping segments/padding
 
 Shapes follow ``recipes/model/{tiny,small}.yaml`` (d_model, heads, head_dim, d_ff,
-experts) and three regimes:
+experts) and three regimes (``moe_dense_eq``: one dense matmul with the routed experts'
+FLOPs of the ``train`` MoE case, the peak a grouped MoE path could approach):
 
 * ``train``   — full packed training rows (batch x row length);
 * ``prefill`` — 8 sessions appending a micro-turn chunk of 24 tokens to their KV cache;
@@ -20,6 +22,7 @@ the reported time is the median sample. ``ratio = batch_invariant / standard``.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -94,6 +97,10 @@ def _cases(name: str, c: dict, quick: bool) -> list[Case]:
             add("log_softmax", regime, f"[{rows},{c['vocab']}]", log_softmax, _rand(rng, (rows, c["vocab"]), 3.0))
         weights, experts = route_topk(x @ router, c["k"], mode="standard")
         add("moe_ffn", regime, f"T={rows} E={c['E']} k={c['k']} dE={c['dE']}", moe_ffn, x, experts, weights, wg, wu, wd)
+        if regime == "train":  # the dense matmul of the experts' FLOPs: [T*k, d] @ [d, 3 dE]
+            xa = _rand(rng, (rows * c["k"], d))
+            add("moe_dense_eq", regime, f"[{rows * c['k']},{d}]@[{d},{3 * c['dE']}]", matmul, xa,
+                _rand(rng, (d, 3 * c["dE"]), d**-0.5))
     # attention
     B, L = c["batch"], c["row"]
     q = _rand(rng, (B, L, hq, hd))
@@ -232,6 +239,106 @@ def _paged_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+SEGMENT_ROWS = {  # name: (config, rows, row length, window, segment lengths of each row; the rest padding)
+    "tiny 1 seg": ("tiny", 4, 512, None, [[448], [448], [384], [448]]),
+    "tiny packed": ("tiny", 4, 512, None, [[128, 192, 128], [64, 256], [320, 128], [192, 64, 64, 128]]),
+    "small 1 seg": ("small", 1, 1024, None, [[960]]),
+    "small packed": ("small", 1, 1024, None, [[192, 320, 128, 256]]),
+    "small packed w256": ("small", 1, 1024, 256, [[192, 320, 128, 256]]),
+}
+SEGMENT_VARIANTS = {"static plan": (False, None), "skip, 16/step": (True, 16), "skip, 64/step": (True, 64)}
+
+
+def _packed_segments(B: int, T: int, lengths) -> jax.Array:
+    """Segment ids [B, T]: row b holds segments 1, 2, ... of ``lengths[b]``, then padding (0)."""
+    seg = np.zeros((B, T), np.int32)
+    for b, lens in enumerate(lengths):
+        edges = np.cumsum([0, *lens])
+        for i in range(len(lens)):
+            seg[b, edges[i]:edges[i + 1]] = i + 1
+    return jnp.asarray(seg)
+
+
+def _segment_program(seg, hq: int, hkv: int, hd: int, window, data_skip: bool, chunk):
+    """jit of attention fwd + vjp on a full packed row through ``_bi_attention`` (the
+    static plan, or skipping pairs without visible keys at ``chunk`` pairs per step)."""
+    from . import split_kv_attention as ska
+    from .split_kv import prepare, unprepare
+    from .tiling import round_up
+
+    T = seg.shape[1]
+    key = (T, 0, round_up(T, 64), True, window, 64, True)
+
+    def attend(q, k, v):
+        L = ska._pad_rows(prepare(q, k, v, None, seg, seg, None, hd**-0.5, 64), round_up(T, ska.QUERY_BLOCK) * (hq // hkv))
+        return unprepare(ska._bi_attention(L, True, window, 64, "reference", key, data_skip), q.shape, q.dtype)
+
+    def run(q, k, v, dout):
+        saved = ska.PAIRS_PER_STEP
+        ska.PAIRS_PER_STEP = chunk or saved  # read while tracing
+        try:
+            out, vjp = jax.vjp(attend, q, k, v)
+            return out, vjp(dout)
+        finally:
+            ska.PAIRS_PER_STEP = saved
+
+    return jax.jit(run)
+
+
+def _segment_case(name: str, spec, repeats: int, rng) -> dict:
+    from .split_kv import prepare
+    from .split_kv_attention import QUERY_BLOCK, _pad_rows, block_plan, visited_pairs
+    from .tiling import round_up
+
+    cfg, B, T, window, lengths = spec
+    c = CONFIGS[cfg]
+    hq, hkv, hd = c["hq"], c["hkv"], c["hd"]
+    seg = _packed_segments(B, T, lengths)
+    q, dout = _rand(rng, (B, T, hq, hd)), _rand(rng, (B, T, hq, hd))
+    k, v = _rand(rng, (B, T, hkv, hd)), _rand(rng, (B, T, hkv, hd))
+    plan = block_plan(T, 0, round_up(T, 64), True, window, 64)
+    L = _pad_rows(prepare(q, k, v, None, seg, seg, None, 1.0, 64), round_up(T, QUERY_BLOCK) * (hq // hkv))
+    _, count = visited_pairs(L, plan, True, window, 64)
+    row = {"case": name, "rows": B, "row_length": T, "heads": f"{hq}/{hkv}", "head_dim": hd, "window": window,
+           "segment_lengths": lengths, "plan_pairs_per_row": len(plan.pair_block),
+           "visited_pairs": np.asarray(count).tolist()}
+    fns = {}
+    for variant, (data_skip, chunk) in SEGMENT_VARIANTS.items():
+        fns[variant] = _segment_program(seg, hq, hkv, hd, window, data_skip, chunk)
+        t0 = time.perf_counter()
+        jax.block_until_ready(fns[variant](q, k, v, dout))
+        row[f"{variant} compile_s"] = time.perf_counter() - t0
+    samples = {variant: [] for variant in fns}
+    for _ in range(repeats):
+        for variant, fn in fns.items():
+            samples[variant].append(_time_once(functools.partial(fn, q, k, v, dout), 1))
+    for variant, times in samples.items():
+        row[f"{variant} ms"] = min(times) * 1e3
+    return row
+
+
+def segment_skipping(repeats: int = 5) -> list[dict]:
+    """Training-row attention forward + backward (``vjp``) on packed rows, the static
+    plan (causal / window pairs, every one computed: the previous code) vs skipping the
+    pairs without a visible key in the data (segments, padding) at 16 and 64 pairs per
+    loop step; compiled first, then timed interleaved, min of ``repeats``."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, spec in SEGMENT_ROWS.items():
+        rows.append(_segment_case(name, spec, repeats, rng))
+        print(f"  measured segment skipping: {name}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _segment_table(rows: list[dict]) -> str:
+    head = f"{'case':<19}{'pairs/row plan':>15}{'visited':>18}" + "".join(f"{v + ' ms':>17}" for v in SEGMENT_VARIANTS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['case']:<19}{r['plan_pairs_per_row']:>15}{r['visited_pairs']!s:>18}"
+                     + "".join(f"{r[v + ' ms']:>17.1f}" for v in SEGMENT_VARIANTS))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m tml.kernels.bench", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_results/kernels.json", help="JSON output path")
@@ -241,8 +348,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="few shapes, one sample (smoke test)")
     ap.add_argument("--paged", action="store_true",
                     help="only paged_attention against 1x, 4x, 16x pools (writes bench_results/kernels_paged.json)")
+    ap.add_argument("--segments", action="store_true",
+                    help="only training-row attention fwd+bwd on packed rows: static plan vs skipping pairs "
+                         "without visible keys (writes bench_results/kernels_segments.json)")
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
+    if args.segments:
+        rows = segment_skipping(repeats)
+        table = _segment_table(rows)
+        print(table)
+        result = {"meta": {**environment(), "repeats": repeats, "note": "attention fwd+bwd, min of interleaved"},
+                  "results": rows, "table": table}
+        out = args.out if args.out != "bench_results/kernels.json" else "bench_results/kernels_segments.json"
+        if out:
+            write_report(out, result)
+        return result
     if args.paged:
         rows = paged_scaling(repeats)
         table = _paged_table(rows)

@@ -27,10 +27,42 @@ def test_quick_run_writes_json(tmp_path, capsys):
     assert positive(r["ratio_batch_invariant_over_standard"])
     for mode in bench.MODES:
         m = r["modes"][mode]
-        for key in ("step_s_median", "step_s_best", "tokens_per_s", "mfu", "compile_s", "first_step_s"):
+        for key in ("step_s_median", "step_s_best", "tokens_per_s", "mfu", "compile_s", "first_step_s",
+                    "attention_s_median", "attention_share"):
             assert positive(m[key]), (mode, key, m[key])
         assert math.isfinite(m["last_loss"])
-    assert "ratio" in capsys.readouterr().out
+        assert m["attention_share"] == m["attention_s_median"] / m["step_s_median"]
+    assert "ratio" in capsys.readouterr().out and "attn" in data["table"][0]
+
+
+def test_attention_program_is_the_steps_attention_calls(monkeypatch):
+    """One kernel call per (decoder layer, micro-batch) at the step's shapes, windows from
+    the layer types, fed the batch's segments; forward and gradients of q, k, v."""
+    import jax
+    import numpy as np
+
+    from tml import kernels
+
+    cfg = bench.compose_recipe(["model=small"]).model
+    seg = np.repeat(np.array([[1] * 100 + [2] * 60 + [0] * 32]), 4, axis=0)
+    fn, args = bench.make_attention_program(cfg, seg, micro=2)
+    q, k, v, dout, s = args
+    assert q.shape == (cfg.n_layers, 2, 2, 192, cfg.n_heads, cfg.head_dim) and dout.shape == q.shape
+    assert k.shape == v.shape == (cfg.n_layers, 2, 2, 192, cfg.n_kv_heads, cfg.head_dim)
+    assert (np.asarray(s).reshape(4, 192) == seg).all()
+    calls, attention = [], kernels.attention
+
+    def counted(q, k, v, **kw):
+        calls.append((q.shape, k.shape, kw["sliding_window"], kw["q_segment_ids"] is kw["kv_segment_ids"]))
+        return attention(q, k, v, **kw)
+
+    monkeypatch.setattr(kernels, "attention", counted)
+    res = jax.eval_shape(fn, *args)
+    windows = [cfg.sliding_window if t == "sliding" else None for t in cfg.resolved_layer_types()]
+    assert calls == [((2, 192, cfg.n_heads, cfg.head_dim), (2, 192, cfg.n_kv_heads, cfg.head_dim), w, True)
+                     for w in windows for _ in range(2)]
+    assert len(res) == cfg.n_layers * 2 and [x.shape for x in res[0]] == [q.shape[2:], q.shape[2:], k.shape[2:],
+                                                                          v.shape[2:]]
 
 
 def test_peak_rss_is_the_childs_own(tmp_path):

@@ -75,6 +75,48 @@ def _copy(tree):
     return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def make_attention_program(model_cfg, segment_ids, micro: int, seed: int = 0):
+    """The attention kernel calls of one train step alone, forward and backward, at the
+    step's shapes: for each decoder layer (its window from ``resolved_layer_types``) and
+    each of the ``micro`` micro-batches of ``segment_ids`` [rows, T], ``tml.kernels.attention``
+    of random q [rows/micro, T, n_heads, head_dim], k, v [.., n_kv_heads, head_dim] (the
+    model's compute dtype) with the batch's segments, and its vjp of a random cotangent.
+
+    -> (fn, args): ``fn(*args)`` returns every output and gradient (jit it under a kernel
+    mode; the mode is read at trace time). Inputs differ per layer, so nothing is shared."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from tml import kernels
+
+    rows, T = segment_ids.shape
+    B = rows // micro
+    windows = [model_cfg.sliding_window if t == "sliding" else None for t in model_cfg.resolved_layer_types()]
+    dt = model_cfg.compute_dtype()
+    rng = np.random.default_rng(seed)
+    n, hq, hkv, hd = len(windows), model_cfg.n_heads, model_cfg.n_kv_heads, model_cfg.head_dim
+
+    def rand(*shape):
+        return jnp.asarray(rng.standard_normal(shape, np.float32), dt)
+
+    args = (rand(n, micro, B, T, hq, hd), rand(n, micro, B, T, hkv, hd), rand(n, micro, B, T, hkv, hd),
+            rand(n, micro, B, T, hq, hd), jnp.asarray(segment_ids).reshape(micro, B, T))
+
+    def fn(q, k, v, dout, seg):
+        res = []
+        for i, w in enumerate(windows):
+            for m in range(micro):
+                def f(q, k, v, s=seg[m], w=w):
+                    return kernels.attention(q, k, v, q_segment_ids=s, kv_segment_ids=s, sliding_window=w)
+
+                out, vjp = jax.vjp(f, q[i, m], k[i, m], v[i, m])
+                res.append((out, *vjp(dout[i, m])))
+        return res
+
+    return fn, args
+
+
 def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, seed: int = 0,
                 progress=None, log=print) -> dict:
     """Compile and time the train step of recipe ``name`` in both kernel modes, interleaved."""
@@ -101,6 +143,7 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
     tokens = rows * row_length
     flops = train_step_flops(cfg.model, rows=rows, row_length=row_length, patches_per_row=patches)
     counts = count_params(cfg.model)
+    attn_fn, attn_args = make_attention_program(cfg.model, batch_np["segment_ids"], micro, seed)
 
     t = time.perf_counter()
     model = InteractionModel(cfg.model, rngs=nnx.Rngs(seed))
@@ -123,8 +166,11 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
             jax.device_get(met)
             compile_s = first_s = time.perf_counter() - t
         compiled = step
+        with kernels.kernel_mode(mode):
+            attn = jax.jit(attn_fn).lower(*attn_args).compile()
+        jax.block_until_ready(attn(*attn_args))
         runs[mode] = {"fn": compiled, "state": state, "compile_s": compile_s, "first_step_s": first_s,
-                      "samples_s": [], "loss": float(met["loss"])}
+                      "samples_s": [], "loss": float(met["loss"]), "attention": attn, "attention_samples_s": []}
         log(f"[{name}] {mode:<15} compiled in {compile_s:.1f}s, first step {first_s:.2f}s")
         if progress is not None:
             progress.update(1)
@@ -138,19 +184,27 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
                 jax.device_get(met)
             run["samples_s"].append((time.perf_counter() - t) / steps)
             run["loss"] = float(met["loss"])
+            t = time.perf_counter()
+            for _ in range(steps):
+                jax.block_until_ready(run["attention"](*attn_args))
+            run["attention_samples_s"].append((time.perf_counter() - t) / steps)
             if progress is not None:
                 progress.update(1)
 
     out_modes = {}
     for mode, run in runs.items():
         med = statistics.median(run["samples_s"])
+        attn = statistics.median(run["attention_samples_s"])
         out_modes[mode] = {
+            "attention_s_median": attn, "attention_samples_s": run["attention_samples_s"],
+            "attention_share": attn / med,
             "step_s_median": med, "step_s_best": min(run["samples_s"]), "samples_s": run["samples_s"],
             "tokens_per_s": tokens / med, "model_flops_per_s": flops / med,
             "compile_s": run["compile_s"], "first_step_s": run["first_step_s"],
             "last_loss": run["loss"]}
         log(f"[{name}] {mode:<15} median {med * 1e3:9.1f} ms/step ({tokens / med:8.0f} tok/s), "
-            f"best {min(run['samples_s']) * 1e3:.1f} ms")
+            f"best {min(run['samples_s']) * 1e3:.1f} ms; attention fwd+bwd alone {attn * 1e3:.1f} ms "
+            f"({attn / med:.0%} of the step)")
     bi, sd = out_modes["batch_invariant"], out_modes["standard"]
     return {
         "model": name,
@@ -256,7 +310,8 @@ def measure_train_memory(overrides: list[str] = (), steps: int = MEMORY_STEPS, l
 
 def format_table(results: list[dict], peak: float, memory: dict | None) -> str:
     head = (f"{'model':<7}{'rows x len, patches':>21}{'GFLOP/step':>11}{'bi ms':>10}{'std ms':>10}"
-            f"{'ratio':>7}{'bi tok/s':>10}{'std tok/s':>10}{'bi MFU':>8}{'std MFU':>8}{'compile bi/std':>16}")
+            f"{'ratio':>7}{'bi tok/s':>10}{'std tok/s':>10}{'bi MFU':>8}{'std MFU':>8}{'attn bi/std':>13}"
+            f"{'compile bi/std':>16}")
     lines = [head, "-" * len(head)]
     for r in results:
         s, bi, sd = r["shape"], r["modes"]["batch_invariant"], r["modes"]["standard"]
@@ -265,7 +320,10 @@ def format_table(results: list[dict], peak: float, memory: dict | None) -> str:
             f"{r['model']:<7}{shape:>21}{r['model_flops_per_step'] / 1e9:>11.1f}"
             f"{bi['step_s_median'] * 1e3:>10.1f}{sd['step_s_median'] * 1e3:>10.1f}"
             f"{r['ratio_batch_invariant_over_standard']:>7.2f}{bi['tokens_per_s']:>10.0f}{sd['tokens_per_s']:>10.0f}"
-            f"{bi['mfu']:>8.1%}{sd['mfu']:>8.1%}{bi['compile_s']:>9.0f}s/{sd['compile_s']:.0f}s")
+            f"{bi['mfu']:>8.1%}{sd['mfu']:>8.1%}{bi['attention_share']:>8.0%}/{sd['attention_share']:<4.0%}"
+            f"{bi['compile_s']:>9.0f}s/{sd['compile_s']:.0f}s")
+    lines.append("attn: the step's attention kernel calls alone (forward + backward, every layer and "
+                 "micro-batch) / the step")
     lines.append(f"float32 matmul peak (measured): {peak / 1e9:.1f} GFLOP/s")
     if memory:
         s = memory["shape"]
