@@ -36,24 +36,25 @@ updates, ``push`` (:func:`push_weights`, then the engine's ack: compile counter,
 set_params seconds and, with ``rl.check_push``, the sha256 of its weights,
 :func:`tml.sampler.snapshot.weights_digest`).
 
-**google-tunix** (assessed from its published design; not installed or re-read here): its ``RLCluster`` holds an actor, a
-reference and a rollout model, each on its own mesh, and syncs weights by resharding the
-actor's ``nnx.State`` onto the rollout mesh (``jax.device_put`` of the state, with an
-optional LoRA-only sync) inside one controller; rollouts go through its own vanilla
-sampler or vLLM/SGLang engines, and ``GRPOLearner`` / ``PPOLearner`` take a text prompt
-dataset, generate completions and score them with reward functions over strings. What
-fits: the same split (trainer mesh, rollout mesh, weight sync by reshard), the same
-algorithms (GRPO/Dr.GRPO baselines, PPO-clip, k3 KL), which :mod:`tml.rl.objectives`
-implements and tests by hand. What does not, so tml does not use it: a tml episode is a
-streaming session of 200 ms micro-turns served by :class:`tml.sampler.Engine` (paged KV,
-counter-based sampling, output grammar) whose log-probs must be the bits of
-:func:`tml.sampler.score`'s training-program row; tunix's samplers and its
-``compute_per_token_logps`` run other programs (a prompt/completion pair, left padding),
-so their log-probs would not be the engine's bits, and the drift metrics would measure
-tunix, not tml. Its rewards are functions of text completions, not the eval scorers over
-micro-turn outputs. And it is one controller only: no cross-process weight push. So tml
-keeps its engine, ``score`` and learner, and only shares tunix's design of one learner mesh
-and one rollout mesh with a push between them.
+**google-tunix** (read at its source, ``tunix/rl/rollout/base_rollout.py`` and
+``tunix/rl/grpo/``): its ``RLCluster`` holds an actor, a reference and a rollout model, each
+on its own mesh, and syncs weights by resharding the actor's state onto the rollout mesh;
+a rollout worker is a ``BaseRollout`` with ``generate(prompts: list[str], RolloutConfig) ->
+RolloutOutput(text, logits, tokens, left_padded_prompt_tokens, logprobs)``,
+``get_per_token_logps(prompt_tokens, completion_tokens)`` and ``update_params(params)``
+(vanilla, vLLM and SGLang-JAX engines), and ``GRPOLearner`` / ``PPOLearner`` score text
+completions of a prompt dataset with reward functions over strings. What fits: the same
+split (learner mesh, rollout mesh, weight sync by reshard — :func:`place` and
+:func:`push_weights` here) and the same algorithms (GRPO/Dr.GRPO baselines, PPO-clip, k3
+KL), which :mod:`tml.rl.objectives` implements and tests. What does not, so tml does not
+use it: a tml episode is not a prompt and a completion but a streaming session of 200 ms
+micro-turns (user audio, video, typed text in; text, speech frames, control out; the
+user reacting to the model) served by :class:`tml.sampler.Engine`, whose log-probs must be
+the bits of :func:`tml.sampler.score`'s uncut training-program row — a ``BaseRollout``'s
+left-padded prompt/completion layout runs other programs, so the drift metrics would
+measure tunix's layout, not tml's. Its rewards are functions of text, not the eval
+scorers over micro-turn timelines. So tml keeps its engine, ``score`` and learner and
+shares only tunix's design of one learner mesh and one rollout mesh with a push between.
 """
 
 from __future__ import annotations
