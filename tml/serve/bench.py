@@ -2,6 +2,7 @@
 
     python -m tml.serve.bench                      # 1, 4, 16 clients of tiny, 10 s each
     python -m tml.serve.bench --clients 1 4 --seconds 3 --checkpoint none
+    python -m tml.serve.bench --audio tests/audio/fixtures/speech_fox_16k.flac
 
 For each N, one server (200 ms tick loop) over one engine (every batch bucket compiled
 first) serves N websocket clients on 127.0.0.1, each sending a 200 ms chunk every
@@ -44,8 +45,11 @@ def _pct(v, q):
     return float(np.percentile(v, q)) if len(v) else None
 
 
-async def measure(engine, n_clients: int, seconds: float, tick_ms: float = 200.0) -> dict:
-    """One load run of ``n_clients`` over ``engine`` (every session closed after)."""
+async def measure(engine, n_clients: int, seconds: float, tick_ms: float = 200.0,
+                  audio: np.ndarray | None = None) -> dict:
+    """One load run of ``n_clients`` over ``engine`` (every session closed after).
+    ``audio``: float32 [n] at 16 kHz every client streams (client ``i`` from chunk ``i``,
+    looping); default uniform noise in ±0.2."""
     import aiohttp
 
     from tml.serve import protocol as P
@@ -59,8 +63,12 @@ async def measure(engine, n_clients: int, seconds: float, tick_ms: float = 200.0
     compiled = engine.compiled_programs()
     url = await server.start()
     n_chunks = max(1, int(seconds * 1000 / tick_ms))
-    rng = np.random.default_rng(0)
-    chunk = P.encode(Kind.AUDIO, rng.uniform(-0.2, 0.2, P.CHUNK_SAMPLES))
+    if audio is None:
+        audio = np.random.default_rng(0).uniform(-0.2, 0.2, P.CHUNK_SAMPLES)
+    audio = np.asarray(audio, np.float32)[:len(audio) // P.CHUNK_SAMPLES * P.CHUNK_SAMPLES]
+    if not len(audio):
+        raise ValueError(f"audio shorter than one 200 ms chunk ({P.CHUNK_SAMPLES} samples at 16 kHz)")
+    pieces = [P.encode(Kind.AUDIO, a) for a in audio.reshape(-1, P.CHUNK_SAMPLES)]
     e2e, e2e_audio, vocoder, dropped = [], [], [], [0]
 
     async def client(i: int):
@@ -75,7 +83,7 @@ async def measure(engine, n_clients: int, seconds: float, tick_ms: float = 200.0
                 for k in range(n_chunks):
                     await asyncio.sleep(max(0.0, t0 + k * tick_ms / 1000 - time.perf_counter()))
                     sent[k] = time.perf_counter()
-                    await ws.send_bytes(chunk)
+                    await ws.send_bytes(pieces[(i + k) % len(pieces)])
             sender = asyncio.create_task(send())
             done = refused = 0
             while done + refused < n_chunks:
@@ -121,6 +129,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--checkpoint", default="runs/tiny", help="run dir / checkpoints dir / step dir, or none")
+    ap.add_argument("--audio", help="an audio file every client streams (looped; any format soundfile reads); "
+                                    "default uniform noise")
     ap.add_argument("--out", default="bench_results/serve.json")
     args = ap.parse_args(argv)
 
@@ -138,13 +148,18 @@ def main(argv=None) -> dict:
     ckpt = args.checkpoint if args.checkpoint == "none" or Path(args.checkpoint).exists() else "none"
     model, loaded = load_model(tiny, ckpt)
     engine = build_engine(model, ServeConfig(max_sessions=max(args.clients)))
+    audio = None
+    if args.audio:
+        from tml.audio import load_audio
+        audio = load_audio(args.audio)
     t = time.perf_counter()
     warm_up(engine)
     result = {"model": "tiny", "weights": loaded.describe(), "warm_up_s": round(time.perf_counter() - t, 1),
               "load_average_before": list(os.getloadavg()), "cpus": os.cpu_count(),
+              "audio": args.audio or "noise",
               "batch_buckets": list(engine.batch_buckets), "runs": []}
     for n in args.clients:
-        r = asyncio.run(measure(engine, n, args.seconds))
+        r = asyncio.run(measure(engine, n, args.seconds, audio=audio))
         r["load_average_after"] = list(os.getloadavg())
         result["runs"].append(r)
         print(json.dumps(r), flush=True)

@@ -225,6 +225,8 @@ class Server:
     async def start(self, tick: bool = True) -> str:
         """Listen → the page's URL; ``tick=False`` starts no tick loop (a caller drives
         :meth:`tick_once`, as the tests do to choose which chunks share a tick)."""
+        silent = np.zeros((4, 80), np.uint8)    # the vocoder's first call builds its tables (~0.7 s here): not in a tick
+        await asyncio.get_running_loop().run_in_executor(self._vocoder_thread, self.vocoder, silent)
         self._runner = web.AppRunner(self.app, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
