@@ -128,7 +128,7 @@ def test_bfloat16_compute(mode, equal):
     with kernels.kernel_mode(mode):
         eng = Engine(model, max_sessions=2, batch_buckets=(2,), chunk_buckets=(32,), patch_buckets=(4,),
                      max_output_tokens=8, max_text_bytes=2, max_context=128, vocoder=False)
-        assert eng.k.dtype == jnp.bfloat16
+        assert eng.kv_dtype == jnp.bfloat16
         sids = [eng.open(seed=s) for s in (5, 6)]
         feeds = [inputs_for(s, 4) for s in (5, 6)]
         for t in range(4):
