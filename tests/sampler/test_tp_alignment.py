@@ -42,7 +42,7 @@ def results():
     out = {}
     for mode, p in _PROCS.items():
         try:
-            _, err = p.communicate(timeout=600)
+            _, err = p.communicate(timeout=1200)  # two 8-device compiles; 600 s ran out at load 28
         except subprocess.TimeoutExpired:
             p.kill()
             raise
