@@ -12,7 +12,8 @@ data 2 x expert 4, in both kernel modes; EP 8 again (same program, then re-trace
 measured largest (source, destination) count; the forward in bfloat16.
 
 GROUP ``model``: the tiny test model (tests/parallel/parallel_fixtures.py, 4 experts)
-forward on one device and on data 2 x expert 4 inside ``expert_parallel``, both modes.
+forward on one device and on data 2 x expert 4 inside ``expert_parallel``, both modes, and
+the training step's gradients (``tml.train.step``, batch_invariant) on both.
 
 Writes ``OUT_PREFIX.npz`` (arrays ``<run>/<name>``) and ``OUT_PREFIX.json``.
 """
@@ -158,6 +159,25 @@ def model_group(arrays, info):
             info["runs"][f"data2_expert4/{mode}"] = {"seconds": round(time.perf_counter() - t, 2)}
     w = sm.blocks[1].mlp.w_gate[...]
     info["w_gate"] = [str(w.sharding.spec), list(w.addressable_shards[0].data.shape)]
+
+    # the training step's gradient stage (tml.train.step; GSPMD on this mesh) inside the block
+    from tml.model.loss import LossWeights
+    from tml.train.step import make_train_step
+
+    for key, m, mesh_arg, b in (("one", model, None, batch), ("data2_expert4", sm, mesh, sb)):
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        grads_fn = jax.jit(make_train_step(graphdef, None, LossWeights(), 0.0, mesh=mesh_arg).gradients)
+        if mesh_arg is None:
+            grads, metrics, load = grads_fn(params, rest, b)
+        else:
+            with expert_parallel(mesh):
+                grads, metrics, load = grads_fn(params, rest, b)
+        flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.asarray(v)
+                for path, v in jax.tree_util.tree_leaves_with_path(grads)}
+        for name, v in flat.items():
+            arrays[f"grad/{key}/{name}"] = v
+        arrays[f"load/{key}"] = np.asarray(load)
+        info.setdefault("metrics", {})[key] = {k: float(v) for k, v in metrics.items()}
 
 
 def main():

@@ -2,8 +2,8 @@
 
 The sharded runs need 8 fake CPU devices and happen in two subprocesses
 (expert_parallel_check.py: ``kernel`` — the layer's ``moe_ffn`` forward and gradients at
-EP = 1, 2, 4, 8 and on data 2 x expert 4; ``model`` — the tiny model's logits on data 2
-x expert 4). Bits: ``batch_invariant`` is raw-bit equal to one device at every EP degree
+EP = 1, 2, 4, 8 and on data 2 x expert 4; ``model`` — the tiny model's logits and its
+training-step gradients on data 2 x expert 4). Bits: ``batch_invariant`` is raw-bit equal to one device at every EP degree
 (so bitwise invariant to the degree); ``standard`` is shown to differ. The argument
 errors are checked here on an ``AbstractMesh`` (they are raised at trace time, before
 any device is needed). The 8-device tests are marked slow (still run in CI).
@@ -208,3 +208,23 @@ def test_tiny_model_logits_on_data_x_expert_mesh(results):
     got, want = a["data2_expert4/standard/text"], a["one/standard/text"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert not bits_equal(got, want), "standard mode was bitwise too: the companion test cannot fail"
+
+
+@SLOW
+def test_training_step_gradients_on_data_x_expert_mesh(results):
+    """The trainer's gradient stage (tml.train.step, GSPMD on this mesh) inside the block:
+    close to one device (every parameter's gradient, the expert load bitwise), not bitwise —
+    the compiler sums the data groups' gradients (tml.train.step docstring)."""
+    info, a = results["model"]
+    names = sorted(k[len("grad/one/"):] for k in a if k.startswith("grad/one/"))
+    assert any("mlp/w_gate" in n for n in names) and len(names) > 30
+    worst = 0.0
+    for name in names:
+        got, want = a[f"grad/data2_expert4/{name}"], a[f"grad/one/{name}"]
+        scale = float(np.abs(want).max())
+        worst = max(worst, max_diff(got, want) / max(scale, 1e-30))
+        np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale, err_msg=name)
+    print(f"training-step gradients: max |diff| / max |grad| = {worst:.1e} over {len(names)} parameters")
+    assert bits_equal(a["load/data2_expert4"], a["load/one"])
+    one, ep = info["metrics"]["one"], info["metrics"]["data2_expert4"]
+    assert one["n_text"] == ep["n_text"] and abs(one["loss"] - ep["loss"]) <= 1e-6 * abs(one["loss"])
