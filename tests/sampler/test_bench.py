@@ -23,6 +23,9 @@ def test_quick_bench_writes_every_section(tmp_path):
             m = t["modes"][mode]
             assert 0 < m["p50_ms"] <= m["p99_ms"] and m["n"] == 2 and m["decode_steps"] >= 2
         assert t["ratio_p50"] == t["modes"]["batch_invariant"]["p50_ms"] / t["modes"]["standard"]["p50_ms"]
+    pool = rep["pool_size"]
+    assert pool["pool_pages"] == [17, 161] and set(pool["ratio_p50"]) == {"batch_invariant", "standard"}
+    assert pool["modes"]["standard"]["161"]["pool_bytes"] > pool["modes"]["standard"]["17"]["pool_bytes"]
     row = rep["append_vs_reprefill"][0]
     assert row["history_tokens"] > 100 and row["modes"]["batch_invariant"]["reprefill_ms"] > 0
     assert 0 < row["modes"]["standard"]["append_prefill_ms"] < row["modes"]["standard"]["append_tick_ms"]
@@ -30,6 +33,7 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert mins["history_tokens"][1] > mins["history_tokens"][0] > 0
     assert rep["memory"]["kv_bytes_per_minute"] > 0
     assert "tick latency" in r.stdout and "memory per session-minute" in r.stdout
+    assert "tick vs pool size" in r.stdout
 
 
 def test_table_marks_missed_targets():

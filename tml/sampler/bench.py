@@ -1,5 +1,6 @@
-"""The sampler benchmark: ``python -m tml.sampler.bench [--quick]`` → a table and
-``bench_results/sampler.json``.
+"""The sampler benchmark: ``python -m tml.sampler.bench [--quick] [--sections ...] [--sizes ...]``
+→ a table and ``bench_results/sampler.json`` (``--sections ticks,pool,reprefill,minutes``
+picks parts, ``--sizes tiny:1,tiny:16`` the tick-latency runs; the JSON records which).
 
 Every figure is measured in both kernel modes in one run, **interleaved** (tick by tick,
 the order alternating), so a load spike on the shared machine hits both alike; the
@@ -14,6 +15,9 @@ targets beside those (a missed target is marked ``MISSED``).
   per tick) — the worst case; ``decode_steps`` records it. The vocoder is off in the
   timed ticks and timed on its own (``vocoder_ms_per_speaking_micro_turn``): Griffin–Lim
   on the host is a per-speaking-session cost a server runs beside the model's tick.
+* **Tick vs pool size**: one ``tiny`` session in engines that differ only in ``n_pages``
+  (33 and 577: 2 and 36 MiB of KV), all four engines (modes x sizes) interleaved. The
+  pools are donated and written in place, so the tick must not follow the pool.
 * **Append vs re-prefill** at 10, 30, 60 s of conversation (``tiny``, one session): a
   session that keeps its KV pays one tick per micro-turn; a stateless server pays a
   prefill of the whole history (:meth:`Engine.load_history`, chunks of 512) plus that
@@ -133,6 +137,38 @@ def bench_ticks(model, name: str, n: int, n_ticks: int, warmup: int, log, max_co
            "rss_growth_bytes_per_session_minute": rss_growth / session_minutes}
     del engines
     return out
+
+
+def bench_pool_size(model, pool_pages: tuple[int, ...], n_ticks: int, warmup: int, log,
+                    max_context: int = 1024) -> dict:
+    """One ``tiny`` session ticked in engines that differ only in ``n_pages`` (same
+    page-table width, same compiled shapes but the pool's): the tick must not grow with
+    the pool. All engines (modes x pool sizes) interleaved tick by tick, order alternating."""
+    from tml import kernels
+
+    engines = {(m, n): _engine(model, m, max_sessions=1, max_context=max_context, n_pages=n)
+               for n in pool_pages for m in MODES}
+    sids = {key: e.open(seed=0) for key, e in engines.items()}
+    feeds = _inputs(np.random.default_rng(5), n_ticks + warmup)
+    times = {key: [] for key in engines}
+    for t in range(n_ticks + warmup):
+        order = list(engines) if t % 2 == 0 else list(engines)[::-1]
+        for key in order:
+            (m, _), eng = key, engines[key]
+            with kernels.kernel_mode(m):
+                eng.append(sids[key], feeds[t])
+                t0 = time.perf_counter()
+                eng.tick()
+                dt = (time.perf_counter() - t0) * 1e3
+            if t >= warmup:
+                times[key].append(dt)
+    res = {m: {str(n): {**_pct(times[(m, n)]), "pool_bytes": 2 * sum(a.nbytes for a in engines[(m, n)].k)}
+               for n in pool_pages} for m in MODES}
+    lo, hi = str(pool_pages[0]), str(pool_pages[-1])
+    ratio = {m: res[m][hi]["p50_ms"] / res[m][lo]["p50_ms"] for m in MODES}
+    log("  " + "  ".join(f"{m} {lo} pages p50 {res[m][lo]['p50_ms']:.1f} ms, {hi} pages "
+                         f"{res[m][hi]['p50_ms']:.1f} ms ({ratio[m]:.2f}x)" for m in MODES))
+    return {"pool_pages": list(pool_pages), "max_context": max_context, "modes": res, "ratio_p50": ratio}
 
 
 def bench_vocoder(repeats: int) -> float:
@@ -255,6 +291,32 @@ def _flag(ok: bool) -> str:
 
 
 def format_table(report: dict) -> str:
+    """The report as a text table; sections missing from ``report`` (``--sections``) are left out."""
+    lines = []
+    if report.get("ticks"):
+        lines += _ticks_table(report)
+    if report.get("pool_size"):
+        ps = report["pool_size"]
+        lo, hi = (str(n) for n in (ps["pool_pages"][0], ps["pool_pages"][-1]))
+        lines.append("")
+        lines.append(f"tick vs pool size (tiny x1, {ps['max_context']} slots/session): " + "  ".join(
+            f"{m} {lo} pages p50 {ps['modes'][m][lo]['p50_ms']:.1f} ms, {hi} pages {ps['modes'][m][hi]['p50_ms']:.1f} ms "
+            f"({ps['ratio_p50'][m]:.2f}x)" for m in MODES))
+    if report.get("append_vs_reprefill"):
+        lines += _reprefill_table(report)
+    if report.get("minutes"):
+        lines += _minutes_table(report)
+    if report.get("memory"):
+        mem = report["memory"]
+        lines.append("")
+        lines.append(f"memory per session-minute ({mem['model']}): KV {mem['kv_bytes_per_minute'] / 2**20:.2f} MiB "
+                     f"({mem['tokens_per_minute']:.0f} tokens/min), measured RSS growth "
+                     f"{mem['rss_growth_bytes_per_session_minute'] / 2**20:.2f} MiB (host history; the pool is "
+                     "preallocated)")
+    return "\n".join(lines)
+
+
+def _ticks_table(report: dict) -> list[str]:
     lines = [f"{'tick latency':<22}{'bi p50':>9}{'bi p99':>9}{'std p50':>9}{'std p99':>9}{'ratio p50':>11}"
              f"{'ratio p99':>11}{'steps':>7}  budget {BUDGET_MS:.0f} ms"]
     for r in report["ticks"]:
@@ -271,7 +333,11 @@ def format_table(report: dict) -> str:
                  f"{_flag(worst <= TARGETS['ratio'])})")
     lines.append(f"vocoder (Griffin-Lim, host): {report['vocoder_ms_per_speaking_micro_turn']:.1f} ms per speaking "
                  "micro-turn (not in the ticks above)")
-    lines.append("")
+    return lines
+
+
+def _reprefill_table(report: dict) -> list[str]:
+    lines = [""]
     lines.append("append vs re-prefill: re-prefill of the history vs the micro-turn's own prefill (x), and vs the")
     lines.append("whole micro-turn with its decode, which a re-prefilling server pays as well (x tick)")
     lines.append(f"{'':<8}{'tokens':>8}{'bi re-pf':>10}{'bi app':>8}{'bi x':>7}{'bi tick':>9}{'x tick':>8}"
@@ -285,9 +351,13 @@ def format_table(report: dict) -> str:
                      f"{bi['append_prefill_ms']:>8.1f}{bi['speedup']:>7.1f}{bi['append_tick_ms']:>9.1f}"
                      f"{bi['speedup_whole_micro_turn']:>8.1f}{st['reprefill_ms']:>11.0f}{st['append_prefill_ms']:>9.1f}"
                      f"{st['speedup']:>7.1f}{st['speedup_whole_micro_turn']:>8.1f}{note}")
+    return lines
+
+
+def _minutes_table(report: dict) -> list[str]:
     mm = report["minutes"]
     keys = [k for k in mm if k.startswith("minute_")]
-    lines.append("")
+    lines = [""]
     lines.append(f"{'minute 1 vs 10 (sim.)':<22}{'tokens':>8}{'bi p50':>9}{'bi p99':>9}{'std p50':>9}{'std p99':>9}")
     for k, toks in zip(keys, mm["history_tokens"]):
         bi, st = mm[k]["batch_invariant"], mm[k]["standard"]
@@ -296,12 +366,10 @@ def format_table(report: dict) -> str:
     r = mm["ratio_p50"]["batch_invariant"]
     lines.append(f"{'ratio (p50)':<22}{'':>8}{r:>9.2f}{'':>9}{mm['ratio_p50']['standard']:>9.2f}"
                  f"   target <= {TARGETS['minute10_over_minute1']}: {_flag(r <= TARGETS['minute10_over_minute1'])}")
-    lines.append("")
-    mem = report["memory"]
-    lines.append(f"memory per session-minute ({mem['model']}): KV {mem['kv_bytes_per_minute'] / 2**20:.2f} MiB "
-                 f"({mem['tokens_per_minute']:.0f} tokens/min), measured RSS growth "
-                 f"{mem['rss_growth_bytes_per_session_minute'] / 2**20:.2f} MiB (host history; the pool is preallocated)")
-    return "\n".join(lines)
+    return lines
+
+
+SECTIONS = ("ticks", "pool", "reprefill", "minutes")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -309,7 +377,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="bench_results/sampler.json", help="JSON output path")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny x1 only, 2 ticks, a 2 s history, minutes 0.05 / 0.1, shared compiled shapes")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default all; memory needs ticks and "
+                        "minutes)")
+    p.add_argument("--sizes", default=None,
+                   help="tick-latency runs as model:sessions, comma-separated (default tiny:1,tiny:4,tiny:16,"
+                        "tiny:64,small:1,small:4)")
     args = p.parse_args(argv)
+    sections = [x for x in args.sections.split(",") if x]
+    if not sections or set(sections) - set(SECTIONS):
+        p.error(f"--sections {args.sections!r}: choose from {','.join(SECTIONS)}")
 
     from tml.bench_report import environment, write_report
 
@@ -321,32 +398,48 @@ def main(argv: list[str] | None = None) -> dict:
     hist_kw = {**shared, "chunk_buckets": (16, 64)} if q else {}
     tiny = _model("tiny")
     models = {"tiny": tiny}
-    sizes = [("tiny", 1)] if q else [("tiny", 1), ("tiny", 4), ("tiny", 16), ("tiny", 64),
-                                                  ("small", 1), ("small", 4)]
-    ticks = []
-    log("tick latency (interleaved modes):")
-    for name, n in sizes:
-        if name not in models:
-            models[name] = _model(name)
-        n_ticks = 2 if q else (30 if name == "tiny" and n <= 16 else 15)
-        ticks.append(bench_ticks(models[name], name, n, n_ticks, 1 if q else 3, log, **shared))
-    vocoder = bench_vocoder(2 if q else 20)
-    log("append vs re-prefill (tiny, 1 session):")
-    seconds = (2,) if q else (10, 30, 60)
-    reprefill = bench_append_vs_reprefill(tiny, seconds, 2 if q else 7, log, **hist_kw)
-    log("minute 1 vs minute 10 (tiny, simulated history):")
-    minutes = bench_minutes(tiny, (0.05, 0.1) if q else (1, 10), 2 if q else 25, log, **hist_kw)
-    tok_min = minutes["history_tokens"][0] / (0.05 if q else 1)
-    ref = next(t for t in ticks if t["model"] == "tiny" and t["sessions"] == (1 if q else 16))
-    memory = {"model": "tiny", "tokens_per_minute": tok_min, "kv_bytes_per_minute": kv_bytes_per_minute(tiny.cfg, tok_min),
-              "rss_growth_bytes_per_session_minute": ref["rss_growth_bytes_per_session_minute"],
-              "rss_from": f"tiny x{ref['sessions']} timed ticks"}
-    report = {"benchmark": "sampler", "quick": q, "environment": environment(), "budget_ms": BUDGET_MS,
-              "targets": TARGETS, "ticks": ticks, "vocoder_ms_per_speaking_micro_turn": vocoder,
-              "append_vs_reprefill": reprefill, "minutes": minutes, "memory": memory,
-              "notes": ["fresh weights: every micro-turn decodes to the 16-token output budget (worst case)",
-                        "vocoder off in the timed ticks (timed separately)",
-                        "minute 10 simulated by pre-filling 10 minutes of random history (Engine.load_history)"]}
+    report = {"benchmark": "sampler", "quick": q, "sections": sections, "environment": environment(),
+              "budget_ms": BUDGET_MS, "targets": TARGETS}
+    if "ticks" in sections:
+        sizes = [("tiny", 1)] if q else [("tiny", 1), ("tiny", 4), ("tiny", 16), ("tiny", 64),
+                                                      ("small", 1), ("small", 4)]
+        if args.sizes:
+            try:
+                sizes = [(name, int(n)) for name, n in (x.split(":") for x in args.sizes.split(","))]
+            except ValueError:
+                p.error(f"--sizes {args.sizes!r}: write model:sessions pairs, e.g. tiny:1,tiny:16")
+        ticks = []
+        log("tick latency (interleaved modes):")
+        for name, n in sizes:
+            if name not in models:
+                models[name] = _model(name)
+            n_ticks = 2 if q else (30 if name == "tiny" and n <= 16 else 15)
+            ticks.append(bench_ticks(models[name], name, n, n_ticks, 1 if q else 3, log, **shared))
+        report["ticks"] = ticks
+        report["vocoder_ms_per_speaking_micro_turn"] = bench_vocoder(2 if q else 20)
+    if "pool" in sections:
+        log("tick vs pool size (tiny, 1 session, interleaved):")
+        # --quick: 17 pages is the tick engines' own pool (1 session x 1024 slots + the reserved page)
+        report["pool_size"] = bench_pool_size(tiny, (17, 161) if q else (33, 577), 2 if q else 12, 1 if q else 2, log)
+    if "reprefill" in sections:
+        log("append vs re-prefill (tiny, 1 session):")
+        seconds = (2,) if q else (10, 30, 60)
+        report["append_vs_reprefill"] = bench_append_vs_reprefill(tiny, seconds, 2 if q else 7, log, **hist_kw)
+    if "minutes" in sections:
+        log("minute 1 vs minute 10 (tiny, simulated history):")
+        minutes = bench_minutes(tiny, (0.05, 0.1) if q else (1, 10), 2 if q else 25, log, **hist_kw)
+        report["minutes"] = minutes
+        if "ticks" in sections:
+            tok_min = minutes["history_tokens"][0] / (0.05 if q else 1)
+            ref = next((t for t in report["ticks"] if t["model"] == "tiny" and t["sessions"] == (1 if q else 16)),
+                       report["ticks"][0])
+            report["memory"] = {"model": "tiny", "tokens_per_minute": tok_min,
+                                "kv_bytes_per_minute": kv_bytes_per_minute(tiny.cfg, tok_min),
+                                "rss_growth_bytes_per_session_minute": ref["rss_growth_bytes_per_session_minute"],
+                                "rss_from": f"tiny x{ref['sessions']} timed ticks"}
+    report["notes"] = ["fresh weights: every micro-turn decodes to the 16-token output budget (worst case)",
+                       "vocoder off in the timed ticks (timed separately)",
+                       "minute 10 simulated by pre-filling 10 minutes of random history (Engine.load_history)"]
     print(format_table(report))
     write_report(args.out, report)
     return report
