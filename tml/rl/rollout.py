@@ -108,7 +108,8 @@ def play(engine: Engine, groups: list[Group], weights: dict[str, float]) -> tupl
     for gi, g in enumerate(groups):
         need = kv_needed(g.episodes[0], engine.max_output_tokens)
         if need > cap:
-            msg = f"{g.ref.sample_id}: may need {need} KV slots, rl.max_context gives {cap}: raise it"
+            name = g.ref.sample_id if g.ref is not None else g.episodes[0].script.name
+            msg = f"{name}: may need {need} KV slots, rl.max_context gives {cap}: raise it"
             log.warning("dropping group %s", msg)
             dropped.append(msg)
             continue
