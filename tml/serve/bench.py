@@ -59,16 +59,16 @@ async def measure(engine, n_clients: int, seconds: float, tick_ms: float = 200.0
     if not 1 <= n_clients <= min(64, engine.max_sessions):
         raise ValueError(f"{n_clients} clients: 1..{min(64, engine.max_sessions)} (the engine's max_sessions)")
     seconds = min(seconds, 60.0)
-    server = Server(engine, port=0, tick_ms=tick_ms, limits=Limits(max_sessions=n_clients))
-    compiled = engine.compiled_programs()
-    url = await server.start()
-    n_chunks = max(1, int(seconds * 1000 / tick_ms))
     if audio is None:
         audio = np.random.default_rng(0).uniform(-0.2, 0.2, P.CHUNK_SAMPLES)
     audio = np.asarray(audio, np.float32)[:len(audio) // P.CHUNK_SAMPLES * P.CHUNK_SAMPLES]
     if not len(audio):
         raise ValueError(f"audio shorter than one 200 ms chunk ({P.CHUNK_SAMPLES} samples at 16 kHz)")
     pieces = [P.encode(Kind.AUDIO, a) for a in audio.reshape(-1, P.CHUNK_SAMPLES)]
+    server = Server(engine, port=0, tick_ms=tick_ms, limits=Limits(max_sessions=n_clients))
+    compiled = engine.compiled_programs()
+    url = await server.start()
+    n_chunks = max(1, int(seconds * 1000 / tick_ms))
     e2e, e2e_audio, vocoder, dropped = [], [], [], [0]
 
     async def client(i: int):
