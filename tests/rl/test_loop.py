@@ -149,3 +149,18 @@ def test_sigterm_saves_the_finished_step_first(aligned, tmp_path, monkeypatch):
     assert ck.all_steps() == [1]
     ck.close()
     assert [r["step"] for r in read_metrics(tmp_path / "term")] == [1]
+
+
+def test_reacting_user_and_micro_turn_credit_step_is_exactly_aligned(tmp_path):
+    """The long-episode path (tml.rl.user: a reacting user per episode, scored on its own
+    realised reference) with per-micro-turn credit, one step on the test recipe's shapes
+    (one conversation per episode, so the engine and update programs are the ones above)."""
+    records, _ = rl(tmp_path, "react", steps=1, episode_seconds=8.0, credit="micro_turn", credit_radius=2,
+                    user_repeat_after_s=0.0)  # repeats (tests/rl/test_user.py) would need more than 1024 KV slots
+    (r,) = records
+    assert {k: r[k] for k in METRICS} == ALIGNED
+    assert r["rl/ratio_min"] == r["rl/ratio_max"] == 1.0 and r["rl/grad_norm"] > 0
+    assert r["episodes"] == 4 and r["episode/seconds_mean"] >= 8.0
+    assert r["user/stopped"] >= 0 and r["user/repeated"] >= 0
+    with pytest.raises(ValueError, match="rl.credit"):
+        rl(tmp_path, "bad3", credit="token")
