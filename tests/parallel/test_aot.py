@@ -24,7 +24,9 @@ def _plan(tmp_path, *flags):
     r = subprocess.run([sys.executable, "-m", "tml.parallel.aot", *SMALL, "--topology", "v5e:2x2", *flags,
                         "--out", str(out)], check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(out.read_text()), r.stdout
+    (plan,) = json.loads(out.read_text())["plans"].values()
+    assert aot.plan_key(plan).endswith("--fake-cpu 4" if flags else "--topology v5e:2x2")
+    return plan, r.stdout
 
 
 def _check(plan, table):

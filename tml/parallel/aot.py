@@ -30,8 +30,11 @@ Figures per device (the most loaded one): parameters and optimizer state from th
 shardings; arguments / outputs / temporaries (activations) of each program from
 ``compiled.memory_analysis()``; collective bytes = the summed operand sizes of every
 all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute in the
-compiled HLO, counted once per appearance (an op inside a loop body runs once per
-iteration, so these are lower bounds for looped programs). JSON: ``bench_results/aot.json``.
+compiled HLO as one run of the program executes them (an op inside a while loop counts
+its loop's ``known_trip_count`` times, :func:`collective_bytes`); compile time per phase
+(trace, lower, compile). A program the TPU compiler finds too large for the chip's HBM is
+reported as "does not fit" with the temporaries it asked for. JSON: ``bench_results/aot.json``,
+one entry per command (:func:`record_plan`).
 """
 
 from __future__ import annotations
@@ -438,11 +441,34 @@ def run(overrides: list[str], *, topology: str | None, fake_cpu: int = 0, out: s
     plan["topology"] = topology
     plan["overrides"] = list(overrides)
     if out:
-        from tml.files import atomic_write_json
-
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out, plan)
+        record_plan(out, plan)
     return plan
+
+
+def plan_key(plan: dict) -> str:
+    """The command that made a plan: its overrides and the topology (or the stand-in)."""
+    where = f"--fake-cpu {plan['devices']}" if plan.get("stand_in") else f"--topology {plan['topology']}"
+    return " ".join([*plan["overrides"], where])
+
+
+def record_plan(out: str, plan: dict) -> None:
+    """Add ``plan`` to the JSON file ``out`` ({"plans": {command: plan}}), replacing the plan of
+    the same command, so that one file keeps the runs of several configurations."""
+    import json
+
+    from tml.files import atomic_write_json
+
+    path = Path(out)
+    doc = {"plans": {}}
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+            doc["plans"] = dict(old.get("plans", {})) if isinstance(old, dict) else {}
+        except json.JSONDecodeError:
+            pass  # an unreadable file is replaced
+    doc["plans"][plan_key(plan)] = plan
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, doc)
 
 
 def main(argv: list[str] | None = None) -> None:
