@@ -91,6 +91,7 @@ from .collectives import (
     MAX_TP,
     _chunk_partials,
     _chunked_2d,
+    _chunked_2d_bwd,
     all_reduce_chunks,
     bound_row_parallel,
 )
@@ -106,6 +107,7 @@ from .tiling import (
     pairwise_tree,
     round_up,
     rounded,
+    upcast,
 )
 
 GEMV_MAX_ASSIGNMENTS = 4  # gathering each assignment's expert weights only pays off for a few
@@ -318,8 +320,9 @@ class _Down(NamedTuple):
 
     def tile(self, h, w):
         """h [rows, Fl] @ w [Fl, D] -> [rows, D] (tree-summed) or [local_chunks, rows, D]."""
-        if self.axis_name is None:
-            return _chunked_2d(h, w, self.num_chunks)  # gradients: the whole batch-invariant matmuls
+        if self.axis_name is None:  # gradients: the whole batch-invariant matmuls
+            fn = _tile_down if h.shape[0] % ROW_TILE == 0 else _chunked_2d  # (row_tile < 64: matmul pads)
+            return fn(h, w, self.num_chunks)
         return _chunk_partials(h, w, self.local_chunks)
 
     def gemv(self, h, w):
@@ -335,6 +338,35 @@ class _Down(NamedTuple):
         if self.axis_name is None:
             return partials
         return all_reduce_chunks(jnp.moveaxis(partials, chunk_axis, 0), self.axis_name, self.algorithm)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _tile_down(h, w, num_chunks):
+    """h [rows, F] @ w [F, D] -> float32 [rows, D]: the F chunks of
+    :func:`tml.kernels.collectives._chunked_2d` (each chunk ``matmul(h_c, w_c)``, summed in
+    the fixed pairwise tree) as **one** GEMM batched over the chunk index.
+
+    ``rows`` is a whole number of ``ROW_TILE`` tiles (the MoE row tiles), so each chunk's
+    ``matmul`` is :func:`~tml.kernels.tiled_matmul.chunked_dot` without row padding, and a
+    batched ``dot_general`` element is that GEMM on XLA:CPU (``chunked_dot`` batches its
+    own K chunks the same way): the same bits with one GEMM call instead of
+    ``num_chunks`` narrow ones per tile (``tests/kernels/test_moe.py`` checks them against
+    the per-chunk algorithm, forward and gradients). The backward is ``_chunked_2d``'s:
+    the whole matmuls ``dy @ w.T`` and ``h.T @ dy``.
+    """
+    rows, F = h.shape
+    c = F // num_chunks
+    hb = upcast(h).reshape(rows, num_chunks, c).transpose(1, 0, 2)  # [C, rows, c]
+    wb = upcast(w).reshape(num_chunks, c, w.shape[1])  # [C, c, D], no copy
+    parts = chunked_dot(hb, wb, K_CHUNK, batched=True)  # [C, rows, D]
+    return pairwise_tree([parts[i] for i in range(num_chunks)])
+
+
+def _tile_down_fwd(h, w, num_chunks):
+    return _tile_down(h, w, num_chunks), (h, w)
+
+
+_tile_down.defvjp(_tile_down_fwd, _chunked_2d_bwd)
 
 
 ONE_DEVICE = _Down()  # the down projection's 8 canonical chunks, summed on this device
