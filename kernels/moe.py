@@ -97,7 +97,7 @@ from .collectives import (
 )
 from .mode import resolve_mode
 from .reductions import softmax
-from .tiled_matmul import chunked_dot, gemv_matches_gemm, matmul
+from .tiled_matmul import _bi_matmul_2d_bwd, chunked_dot, gemv_matches_gemm, matmul
 from .tiling import (
     K_CHUNK,
     ROW_TILE,
@@ -372,13 +372,99 @@ _tile_down.defvjp(_tile_down_fwd, _chunked_2d_bwd)
 ONE_DEVICE = _Down()  # the down projection's 8 canonical chunks, summed on this device
 
 
+def _gate_up(x_tile, w_gate, w_up, k_chunk):
+    """x_tile [rows, D] @ w_gate, w_up [D, F] -> g, u [rows, F] float32 (the tiled matmul)."""
+    kw = {"mode": "batch_invariant", "impl": "reference", "k_chunk": k_chunk, "out_dtype": jnp.float32}
+    return matmul(x_tile, w_gate, **kw), matmul(x_tile, w_up, **kw)
+
+
 def _expert_tile(x_tile, w_gate, w_up, w_down, wt, activation, k_chunk, down):
     """One tile: x_tile [rows, D], wt [rows, 1] routing weights -> [rows, D] float32 (or its
     chunk partials, :class:`_Down`)."""
-    g = matmul(x_tile, w_gate, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
-    u = matmul(x_tile, w_up, mode="batch_invariant", impl="reference", k_chunk=k_chunk, out_dtype=jnp.float32)
+    g, u = _gate_up(x_tile, w_gate, w_up, k_chunk)
     h = _scale_rows(activation(g) * u, wt)
     return down.tile(h, w_down)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _tile_scan(xs_t, ws_t, tile_expert, used, w_gate, w_up, w_down, activation, k_chunk, num_chunks):
+    """The one-device grouped expert compute over the padded row tiles.
+
+    xs_t [n, R, D] (x.dtype), ws_t [n, R, 1] f32 routing weights, tile_expert [n] int32,
+    used [] int32 (tiles ``>= used`` are skipped, their output zeros), w_gate / w_up
+    [E, D, F], w_down [E, F, D] -> ys [n, R, D] float32. Tile i is :func:`_expert_tile`
+    with expert ``tile_expert[i]``'s weights, in a ``lax.scan``.
+
+    The backward is written out (it is autodiff's arithmetic, not its data movement):
+    a reverse ``lax.scan`` over the tiles — the order in which the transpose of the
+    forward scan visits them — gives each tile's input and routing-weight gradients and
+    adds its weight gradients (the tile matmuls' ``x.T @ dy`` and the down projection's
+    ``h.T @ dy``) into its expert's slice of the [E, ...] accumulators, starting from
+    zeros: the same products added in the same order, so the same bits as autodiff of
+    the forward scan (``tests/kernels/test_moe.py``, f32 and bf16). Autodiff instead
+    saved every tile's [D, F] weight slices as residuals and, per tile, built and added
+    full [E, D, F] cotangents (a dynamic-update-slice into zeros, then an add).
+    Residuals here: the tiles' gate and up activations g, u [n, R, F] f32.
+    """
+    return _tile_scan_fwd(xs_t, ws_t, tile_expert, used, w_gate, w_up, w_down, activation, k_chunk, num_chunks)[0]
+
+
+def _tile_scan_fwd(xs_t, ws_t, tile_expert, used, w_gate, w_up, w_down, activation, k_chunk, num_chunks):
+    n, R, D = xs_t.shape
+    F = w_gate.shape[2]
+    down = _Down(num_chunks)
+
+    def body(carry, inp):
+        i, x_tile, w_tile, e = inp
+
+        def compute():
+            g, u = _gate_up(x_tile, w_gate[e], w_up[e], k_chunk)
+            return down.tile(_scale_rows(activation(g) * u, w_tile), w_down[e]), g, u
+
+        def skip():
+            return jnp.zeros((R, D), jnp.float32), jnp.zeros((R, F), jnp.float32), jnp.zeros((R, F), jnp.float32)
+
+        return carry, lax.cond(i < used, compute, skip)
+
+    _, (ys, g, u) = lax.scan(body, None, (jnp.arange(n), xs_t, ws_t, tile_expert))
+    return ys, (xs_t, ws_t, tile_expert, used, w_gate, w_up, w_down, g, u)
+
+
+def _tile_scan_bwd(activation, k_chunk, num_chunks, res, dys):
+    xs_t, ws_t, tile_expert, used, w_gate, w_up, w_down, gs, us = res
+    n = xs_t.shape[0]
+    matmul_bwd = functools.partial(_bi_matmul_2d_bwd, ROW_TILE, k_chunk, "reference")  # matmul's backward
+
+    def tile_grads(x_tile, w_tile, e, g, u, dy):
+        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+        p, gate_up_vjp = jax.vjp(lambda g, u: activation(g) * u, g, u)
+        h = _scale_rows(p, w_tile)
+        dh, dwd = _chunked_2d_bwd(num_chunks, (h, wd), dy)  # _tile_down's backward
+        dp, dwt = _scale_rows_bwd((p, w_tile), dh)
+        dg, du = gate_up_vjp(dp)
+        dx_g, dwg = matmul_bwd((x_tile, wg), dg)
+        dx_u, dwu = matmul_bwd((x_tile, wu), du)
+        return dx_g + dx_u, dwt, dwg, dwu, dwd
+
+    def body(acc, inp):
+        i, x_tile, w_tile, e, g, u, dy = inp
+
+        def skip():
+            return (jnp.zeros_like(x_tile), jnp.zeros_like(w_tile), jnp.zeros(w_gate.shape[1:], w_gate.dtype),
+                    jnp.zeros(w_up.shape[1:], w_up.dtype), jnp.zeros(w_down.shape[1:], w_down.dtype))
+
+        dx, dwt, *dws = lax.cond(i < used, lambda: tile_grads(x_tile, w_tile, e, g, u, dy), skip)
+        acc = tuple(lax.dynamic_update_index_in_dim(a, lax.dynamic_index_in_dim(a, e, 0, keepdims=False) + d, e, 0)
+                    for a, d in zip(acc, dws))
+        return acc, (dx, dwt)
+
+    zeros = tuple(jnp.zeros(w.shape, w.dtype) for w in (w_gate, w_up, w_down))
+    (dwg, dwu, dwd), (dxs, dws) = lax.scan(body, zeros, (jnp.arange(n), xs_t, ws_t, tile_expert, gs, us, dys),
+                                          reverse=True)
+    return dxs, dws, None, None, dwg, dwu, dwd
+
+
+_tile_scan.defvjp(_tile_scan_fwd, _tile_scan_bwd)
 
 
 def _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_chunk, down=ONE_DEVICE):
@@ -392,7 +478,11 @@ def _grouped(x, experts, weights, w_gate, w_up, w_down, activation, row_tile, k_
     n_tiles = plan["n_tiles"]
     xs_t = xs.reshape(n_tiles, row_tile, D)
     ws_t = ws.reshape(n_tiles, row_tile, 1)
-    out_shape = (row_tile, D) if down.axis_name is None else (down.local_chunks, row_tile, D)
+    if down.axis_name is None:
+        ys = _tile_scan(xs_t, ws_t, plan["tile_expert"], plan["used_tiles"], w_gate, w_up, w_down, activation,
+                        k_chunk, down.num_chunks)
+        return ordered_sum(ys.reshape(n_tiles * row_tile, D)[plan["assign_slot"]].reshape(T, k, D), 1)
+    out_shape = (down.local_chunks, row_tile, D)  # tensor-parallel F: autodiff through the tile scan
 
     def body(carry, inp):
         i, x_tile, w_tile, e = inp
