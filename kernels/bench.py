@@ -8,7 +8,8 @@
 
 Shapes follow ``recipes/model/{tiny,small}.yaml`` (d_model, heads, head_dim, d_ff,
 experts) and three regimes (``moe_dense_eq``: one dense matmul with the routed experts'
-FLOPs of the ``train`` MoE case, the peak a grouped MoE path could approach):
+FLOPs of the ``train`` MoE case, the peak a grouped MoE path could approach;
+``moe_ffn_grad`` / ``moe_deq_grad``: the same two, forward + backward):
 
 * ``train``   — full packed training rows (batch x row length);
 * ``prefill`` — 8 sessions appending a micro-turn chunk of 24 tokens to their KV cache;
@@ -68,6 +69,17 @@ def _rand(rng, shape, scale=1.0, dtype=jnp.float32):
     return jnp.asarray(rng.standard_normal(shape) * scale, dtype)
 
 
+def _moe_grad(x, experts, weights, wg, wu, wd, *, mode):
+    """Gradients of sum(moe_ffn) w.r.t. x, w_gate, w_up, w_down and the routing weights."""
+    return jax.grad(lambda x, w, a, b, c: jnp.sum(moe_ffn(x, experts, w, a, b, c, mode=mode)),
+                    argnums=(0, 1, 2, 3, 4))(x, weights, wg, wu, wd)
+
+
+def _matmul_grad(x, w, *, mode):
+    """Gradients of sum(x @ w) w.r.t. x and w."""
+    return jax.grad(lambda x, w: jnp.sum(matmul(x, w, mode=mode)), argnums=(0, 1))(x, w)
+
+
 def _cases(name: str, c: dict, quick: bool) -> list[Case]:
     rng = np.random.default_rng(0)
     d, ff, hq, hkv, hd = c["d"], c["ff"], c["hq"], c["hkv"], c["hd"]
@@ -99,8 +111,12 @@ def _cases(name: str, c: dict, quick: bool) -> list[Case]:
         add("moe_ffn", regime, f"T={rows} E={c['E']} k={c['k']} dE={c['dE']}", moe_ffn, x, experts, weights, wg, wu, wd)
         if regime == "train":  # the dense matmul of the experts' FLOPs: [T*k, d] @ [d, 3 dE]
             xa = _rand(rng, (rows * c["k"], d))
-            add("moe_dense_eq", regime, f"[{rows * c['k']},{d}]@[{d},{3 * c['dE']}]", matmul, xa,
-                _rand(rng, (d, 3 * c["dE"]), d**-0.5))
+            w_eq = _rand(rng, (d, 3 * c["dE"]), d**-0.5)
+            add("moe_dense_eq", regime, f"[{rows * c['k']},{d}]@[{d},{3 * c['dE']}]", matmul, xa, w_eq)
+            # the training step's cost: forward + backward (gradients of x, the weights, the routing weights)
+            add("moe_ffn_grad", regime, f"T={rows} E={c['E']} k={c['k']} dE={c['dE']}", _moe_grad, x, experts,
+                weights, wg, wu, wd)
+            add("moe_deq_grad", regime, f"[{rows * c['k']},{d}]@[{d},{3 * c['dE']}]", _matmul_grad, xa, w_eq)
     # attention
     B, L = c["batch"], c["row"]
     q = _rand(rng, (B, L, hq, hd))
