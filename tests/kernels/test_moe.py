@@ -288,15 +288,22 @@ def _reference_tile_scan(x, experts, weights, wg, wu, wd):
     return ordered_sum(y, 1).astype(x.dtype)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_grouped_path_forward_and_gradients_equal_the_tile_scan(dtype):
+@pytest.mark.parametrize("dtype,tokens", [("float32", T_FULL), ("bfloat16", T_FULL), ("float32", 320),
+                                          pytest.param("bfloat16", 320, marks=pytest.mark.slow)])
+def test_grouped_path_forward_and_gradients_equal_the_tile_scan(dtype, tokens):
     """Raw bits of the grouped path, output and the gradients of x, the three expert
     weights and the routing weights, against the per-tile scan it replaced (the guard
-    for its faster tile, e.g. the down projection's chunks as one batched GEMM);
+    for its faster tile — the down projection's chunks as one batched GEMM — and its
+    written-out backward, which adds the tiles' weight gradients in the scan's
+    transpose order); with 320 tokens every token's first expert is expert 0 (a
+    correction bias): 5 tiles of one expert next to experts with 1 or 2 tiles;
     ``standard`` gives other gradient bits (float32)."""
     rng = np.random.default_rng(8)
-    x = jnp.asarray(rng.standard_normal((T_FULL, D)), dtype)
-    weights, experts = route_topk(jnp.asarray(x, jnp.float32) @ ROUTER, 2)
+    x = jnp.asarray(rng.standard_normal((tokens, D)), dtype)
+    bias = jnp.zeros((E,), jnp.float32).at[0].set(10.0 if tokens > T_FULL else 0.0)
+    weights, experts = route_topk(jnp.asarray(x, jnp.float32) @ ROUTER, 2, correction_bias=bias)
+    if tokens > T_FULL:
+        assert int((experts == 0).sum()) == tokens
     weights = weights.astype(dtype)
     wg, wu, wd = (w.astype(dtype) for w in (WG, WU, WD))
 
