@@ -19,13 +19,16 @@ Expert e computes ``(act(x @ w_gate[e]) * (x @ w_up[e])) @ w_down[e]`` (SwiGLU w
   sorted by expert; every expert's group is padded to whole row tiles of
   ``ROW_TILE`` (64) rows; a ``lax.scan`` over tiles runs the fixed-tile matmul
   (:mod:`tml.kernels.tiled_matmul` algorithm: f32, canonical K chunks) with that tile's
-  expert weights; tiles past the last used one are skipped;
+  expert weights; tiles past the last used one are skipped. On one device the scan's
+  backward is written out (:func:`_tile_scan`: the same products added in the same
+  order as autodiff of the scan, without its per-tile [E, D, F] cotangents);
 * the routing weight multiplies the hidden activation **before** the down
   projection (``down(h * w)``, linear, so the same function): no ``w * y + ...``
   multiply-add is left for the compiler to contract differently in different programs;
 * the **down projection** is row-parallel: F is cut into ``num_chunks`` (8) canonical
   chunks whose products are summed in the fixed pairwise tree, the algorithm of
-  :func:`tml.kernels.row_parallel_linear` (gradients: the whole matmuls). With
+  :func:`tml.kernels.row_parallel_linear` (gradients: the whole matmuls), on one device
+  as one GEMM batched over the chunks (:func:`_tile_down`, the same bits). With
   ``axis="expert_mlp"`` (the logical name of F) bound to a mesh axis by
   :func:`tml.kernels.collectives.row_parallel_axes` (:func:`tml.parallel.tensor_parallel`),
   the expert compute runs in a ``shard_map`` over that axis: every rank computes its
