@@ -57,7 +57,9 @@ def same(a, b) -> bool:
 
 
 def sessions(arrays, run):
-    return sorted({k.split("/")[1] for k in arrays if k.startswith(run + "/")})
+    """The session names of a run: keys ``run/<session>/<field>`` (``run/<field>`` keys
+    such as ``moe_w_down_f_axis`` describe the run, not a session)."""
+    return sorted({k.split("/")[1] for k in arrays if k.startswith(run + "/") and k.count("/") == 2})
 
 
 @pytest.mark.slow
