@@ -129,11 +129,15 @@ def test_page_round_trip_in_headless_chromium(engine, tmp_path):
         shutil.copy(shot, out / shot.name)
     assert stats.get("ticks", 0) >= 8, (stats, state)
     # a loaded CI machine may fall behind real time (a speaking turn vocodes for ~1 s on 2 busy cores):
-    # then the server refuses chunks beyond max_queued_chunks, and that is the only error allowed
-    assert set(stats["errorCodes"]) <= {"backlog"} and state.startswith("session"), (stats, state)
+    # then the server refuses chunks beyond max_queued_chunks (backlog), or a burst the page sends on catching up
+    # (rate_limited); those are the only errors allowed
+    allowed = {"backlog", "rate_limited"}
+    assert set(stats["errorCodes"]) <= allowed and state.startswith("session"), (stats, state)
     assert stats["chunksSent"] >= stats["ticks"] and columns == stats["ticks"]
     assert loudest > 0.01                          # the fixture's speech came through the worklet
-    assert served.chunks_received >= 8 and served.turns_served >= 8 and served.errors_sent == stats["errors"]
+    # the page's counters are a snapshot taken before it closed: the server may have sent more errors since
+    assert served.chunks_received >= 8 and served.turns_served >= 8 and served.errors_sent >= stats["errors"]
+    assert set(served.error_codes) <= allowed, served.error_codes
     assert shot.stat().st_size > 1000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the camera: frames captured, sent before their chunks, received, and served as frame pairs
     assert stats["camera"] == "on" and preview > 0, stats

@@ -120,6 +120,7 @@ class Stats:
     frames_sent: int = 0
     audio_frames_sent: int = 0
     errors_sent: int = 0
+    error_codes: dict = field(default_factory=dict)                          # code -> errors sent with it
     delegations: int = 0
     video_frames_received: int = 0
     video_turns_served: int = 0                                              # micro-turns served with a frame pair
@@ -273,6 +274,7 @@ class Server:
 
     async def _error(self, c: Conn, code: str, message: str) -> None:
         self.stats.errors_sent += 1
+        self.stats.error_codes[code] = self.stats.error_codes.get(code, 0) + 1
         await self._send(c, P.error(code, message))
 
     # ----------------------------------------------------------------- sessions
