@@ -17,28 +17,20 @@ HELPER = "tests.kernels.tp_invariance_check"  # run as ``python -m`` from the re
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _launch():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", HELPER, "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
-    )
-
-
-# Started when pytest imports this module (collection time), so the 8-device subprocess
-# compiles in the background while the other kernel tests run (XLA compiles mostly on
-# one core; the machine has two).
-_PROC = _launch()
-
-
 @pytest.fixture(scope="module")
 def tp_results():
+    """The 8-device subprocess's cases, started by the module's first test that needs them
+    (not at import: every xdist worker imports every module, which ran it twice)."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", HELPER, "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=REPO)
     try:
-        out, err = _PROC.communicate(timeout=300)
+        out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        _PROC.kill()
+        proc.kill()
         raise
-    assert _PROC.returncode == 0, err[-4000:]
+    assert proc.returncode == 0, err[-4000:]
     return json.loads(out.strip().splitlines()[-1])
 
 

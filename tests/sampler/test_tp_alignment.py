@@ -7,8 +7,9 @@ The engine (``Engine(..., mesh=)``) shards heads, MLP and MoE expert widths on
 ``wo``, the MLP ``down`` and the experts' down projection — reduces its canonical chunks
 in one fixed tree (``kernels.row_parallel_linear`` / ``kernels.moe_ffn(axis=...)``:
 one-shot, or two-shot for the ``tp4_two_shot`` run). Each mode runs in its own 8-device subprocess
-(tests/sampler/tp_alignment_check.py), both started at collection time so they compile
-side by side while other tests run. Where standard diverges here: the psum of the
+(tests/sampler/tp_alignment_check.py), both started by the module's first test so they
+compile side by side (not at import: every xdist worker imports every module, which ran
+them twice). Where standard diverges here: the psum of the
 row-parallel partials (max |Δ log-prob| 1.5e-5..3e-5 measured for the sampler, 1.2e-6
 for the trainer's own TP = 4 forward).
 """
@@ -16,7 +17,6 @@ for the trainer's own TP = 4 forward).
 import os
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -24,30 +24,26 @@ import pytest
 HELPER = "tests.sampler.tp_alignment_check"  # run as ``python -m`` from the repository root
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODES = [("batch_invariant", True), ("standard", False)]
-_OUT = tempfile.mkdtemp(prefix="tml_tp_alignment_")
-
-
-def _launch(mode):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    return subprocess.Popen([sys.executable, "-m", HELPER, mode, os.path.join(_OUT, f"{mode}.npz")], env=env,
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-_PROCS = {mode: _launch(mode) for mode, _ in MODES}
 
 
 @pytest.fixture(scope="module")
-def results():
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tp_alignment")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    procs = {mode: subprocess.Popen([sys.executable, "-m", HELPER, mode, str(tmp / f"{mode}.npz")], env=env,
+                                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for mode, _ in MODES}
     out = {}
-    for mode, p in _PROCS.items():
-        try:
+    try:
+        for mode, p in procs.items():
             _, err = p.communicate(timeout=1200)  # two 8-device compiles; 600 s ran out at load 28
-        except subprocess.TimeoutExpired:
-            p.kill()
-            raise
-        assert p.returncode == 0, err[-4000:]
-        out[mode] = dict(np.load(os.path.join(_OUT, f"{mode}.npz")))
+            assert p.returncode == 0, err[-4000:]
+            out[mode] = dict(np.load(tmp / f"{mode}.npz"))
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
     return out
 
 
