@@ -40,6 +40,15 @@ class Client:
     async def audio(self, samples: np.ndarray) -> None:
         await self.send_raw(P.encode(Kind.AUDIO, samples))
 
+    def stream(self, pieces: list[np.ndarray], period: float = 0.1) -> asyncio.Task:
+        """Send ``pieces`` as audio chunks, one per ``period`` seconds, in a task (as a live
+        microphone would, while the test reads replies); await the task when done."""
+        async def feed():
+            for x in pieces:
+                await self.audio(x)
+                await asyncio.sleep(period)
+        return asyncio.create_task(feed())
+
     async def recv(self, timeout: float = 30.0) -> P.Frame:
         msg = await self.ws.receive(timeout=timeout)
         if msg.type != aiohttp.WSMsgType.BINARY:

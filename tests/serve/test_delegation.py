@@ -29,11 +29,7 @@ def test_delegation_result_is_a_later_background_input_and_no_tick_waits():
     async def body():
         router = Router(tools={"calc": slow_calc}, now=lambda: NOW)
         async with serving(engine, tick=True, tick_ms=100, delegate=router) as server, Client(server.url) as c:
-            async def feed():
-                for x in chunks(0, 14):
-                    await c.audio(x)
-                    await asyncio.sleep(0.1)
-            sender = asyncio.create_task(feed())
+            sender = c.stream(chunks(0, 14))
             log = []                       # ("tick", mt, arrival) | ("delegated"/"background", value, arrival)
             while sum(e[0] == "background" for e in log) < 2 or sum(e[0] == "tick" for e in log) < 12:
                 f = await c.recv(10)

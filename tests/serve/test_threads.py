@@ -78,11 +78,7 @@ def test_vocoder_runs_off_the_engine_thread_and_overlaps_the_next_tick():
 
     async def body():
         async with serving(engine, tick=True, tick_ms=100, vocoder=slow_vocoder) as server, Client(server.url) as c:
-            async def feed():
-                for x in chunks(1, 6):
-                    await c.audio(x)
-                    await asyncio.sleep(0.1)
-            sender = asyncio.create_task(feed())
+            sender = c.stream(chunks(1, 6))
             while sum(f.kind == Kind.TICK for f in c.frames) < 6:
                 await c.recv(10)
             await sender
