@@ -53,7 +53,7 @@ from .moe import moe_ffn, route_topk
 from .paged_attention import paged_attention, paged_write
 from .reductions import log_softmax, logsumexp, rms_norm, softmax
 from .split_kv_attention import attention
-from .tiled_matmul import linear, matmul
+from .tiled_matmul import bound_weight_grad_axes, linear, matmul, sharded_weight_grads, weight_grad
 from .tiling import K_CHUNK, ROW_TILE, SPLIT_SIZE, ordered_sum, pairwise_sum, rounded, sequence_tree
 from .version_check import UnverifiedVersionWarning, warn_if_unverified
 
@@ -79,6 +79,9 @@ __all__ = [
     "log_softmax",
     "logsumexp",
     "matmul",
+    "sharded_weight_grads",
+    "bound_weight_grad_axes",
+    "weight_grad",
     "mode_aware_jit",
     "moe_ffn",
     "one_shot_all_reduce",

@@ -32,15 +32,28 @@ it is deterministic run to run).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from .mode import resolve_impl, resolve_mode
 from .pallas.matmul_kernel import matmul as pallas_matmul
-from .tiling import K_CHUNK, ROW_TILE, chunk_bounds, pad_axis, round_up, upcast
+from .tiling import (
+    K_CHUNK,
+    ROW_TILE,
+    chunk_bounds,
+    pad_axis,
+    round_up,
+    sequence_tree,
+    upcast,
+)
 
 _HIGHEST = lax.Precision.HIGHEST
 
@@ -177,11 +190,96 @@ def _bi_matmul_2d_fwd(x, w, row_tile, k_chunk, impl):
 def _bi_matmul_2d_bwd(row_tile, k_chunk, impl, res, dy):
     x, w = res
     dx = _forward_2d(dy, w.T, row_tile, k_chunk, impl).astype(x.dtype)
-    dw = _forward_2d(x.T, dy, row_tile, k_chunk, impl).astype(w.dtype)
+    dw = weight_grad(x, dy, row_tile=row_tile, k_chunk=k_chunk, impl=impl).astype(w.dtype)
     return dx, dw
 
 
 _bi_matmul_2d.defvjp(_bi_matmul_2d_fwd, _bi_matmul_2d_bwd)
+
+
+# ------------------------------------------------------- weight gradients over a split batch
+class WeightGradAxes(NamedTuple):
+    """A binding of :func:`sharded_weight_grads`: the mesh and its batch-splitting axes."""
+
+    mesh: Any
+    axes: tuple[str, ...]
+
+
+_wgrad = jax.make_user_context(None)  # WeightGradAxes | None, in every jit cache key
+
+
+@contextlib.contextmanager
+def sharded_weight_grads(mesh, axes: Sequence[str]) -> Iterator[None]:
+    """Compute every batch-invariant weight gradient ``x.T @ dy`` traced inside the block
+    shard by shard over the mesh axes ``axes`` that split the rows (the batch; read at
+    trace time, part of the jit cache key; axes of size 1 are dropped).
+
+    Unbound, the weight gradient contracts all M rows in one chain of canonical K chunks
+    (:func:`chunked_dot`, a ``fori_loop`` over the rows above 16 chunks). Under GSPMD
+    with the rows split over devices, that chain (a loop of dynamic slices along the
+    split dimension) makes the compiler gather ``x`` and ``dy`` whole onto every device:
+    for a vocabulary head, the float32 logits gradient of the whole micro-batch per chip.
+    Bound, :func:`weight_grad` runs a ``shard_map`` manual over ``axes``: each rank
+    contracts its own rows (the same chain over its M/n rows), then an ordered
+    reduce-scatter — ``all_to_all`` of the [n, K/n, N] pieces, rank r receiving piece r of
+    every rank, summed in rank order in the adjacent-pairs
+    :func:`~tml.kernels.tiling.sequence_tree` — leaves [K, N] split over ``axes`` along K
+    (K padded to a multiple of n). Deterministic (a fixed program, fixed order), but a
+    different association of the same products than one device's chain, so the bits
+    depend on the number of row shards (tolerance, not bitwise, against one device; the
+    GSPMD meshes that use this are not bitwise to one device anyway,
+    :mod:`tml.parallel.sharding`). Per device: two [K, N] float32 buffers instead of the
+    whole [M, N] ``dy``.
+    """
+    sizes = dict(mesh.shape)
+    for a in axes:
+        if a not in sizes:
+            raise ValueError(f"weight-gradient axis {a!r} is not an axis of the mesh {sizes}")
+    kept = tuple(a for a in axes if sizes[a] > 1)
+    with _wgrad(WeightGradAxes(mesh, kept) if kept else None):
+        yield
+
+
+def bound_weight_grad_axes() -> WeightGradAxes | None:
+    """The :func:`sharded_weight_grads` binding in effect, or None."""
+    return _wgrad.value
+
+
+def _manual_axes() -> frozenset:
+    try:
+        return frozenset(jax.sharding.get_abstract_mesh().manual_axes)
+    except Exception:  # noqa: BLE001 — no abstract mesh in context
+        return frozenset()
+
+
+def weight_grad(x: jax.Array, dy: jax.Array, *, row_tile: int = ROW_TILE, k_chunk: int = K_CHUNK,
+                impl: str | None = None) -> jax.Array:
+    """``x.T @ dy``: x [M, K], dy [M, N] -> float32 [K, N], the batch-invariant weight
+    gradient; shard by shard over the rows inside :func:`sharded_weight_grads` (when the
+    row shards divide M and none of their axes is already manual), else one chain."""
+    impl = resolve_impl(impl)
+    b = bound_weight_grad_axes()
+    if b is not None:
+        n = math.prod(dict(b.mesh.shape)[a] for a in b.axes)
+        if x.shape[0] % n == 0 and not (_manual_axes() & set(b.axes)):
+            return _sharded_weight_grad(x, dy, b, n, row_tile, k_chunk, impl)
+    return _forward_2d(x.T, dy, row_tile, k_chunk, impl)
+
+
+def _sharded_weight_grad(x, dy, b: WeightGradAxes, n: int, row_tile, k_chunk, impl):
+    K, N = x.shape[1], dy.shape[1]
+    Kp = round_up(K, n)
+    axes = b.axes if len(b.axes) > 1 else b.axes[0]
+
+    def local(xl, dyl):  # this rank's rows [M/n, K], [M/n, N]
+        part = pad_axis(_forward_2d(xl.T, dyl, row_tile, k_chunk, impl), 0, Kp)  # [Kp, N]
+        pieces = lax.all_to_all(part.reshape(n, Kp // n, N), axes, 0, 0)  # [n (source rank), Kp/n, N]
+        return sequence_tree([pieces[i] for i in range(n)])
+
+    rows = PartitionSpec(axes, None)
+    out = jax.shard_map(local, mesh=b.mesh, in_specs=(rows, rows), out_specs=rows,
+                        axis_names=frozenset(b.axes), check_vma=False)(x, dy)
+    return out[:K]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -27,6 +27,17 @@ the devices, and the compiler inserts the reductions, close to but not bitwise e
 the one-device result (:mod:`tml.parallel.sharding`). (A shard_map manual over ``data``
 with the other axes automatic crashes XLA:CPU's partitioner in JAX 0.10.)
 
+Under GSPMD the step pins the layout MaxText-style (:class:`_BatchLayout`): every
+micro-batch ``[B/n, ...]`` is split over the ``"batch"`` rule's mesh axes (data x fsdp x
+expert by default, those dividing ``B/n``) — the stacked micro-batches ``[n, B/n, ...]``
+are resharded once so that each one is spread over all devices instead of sitting on
+the few that hold its rows of the global batch — and so are the model's outputs; the
+gradient of each micro-batch is pinned to the parameters' shardings; and every
+batch-invariant weight gradient ``x.T @ dy`` is computed shard by shard over those axes
+(:func:`tml.kernels.sharded_weight_grads`), where its one chain over all rows made the
+compiler gather ``dy`` — for the text head the float32 logits gradient of the whole
+micro-batch, 3.3 GB per row of 4,096 positions x 201,024 entries — onto every chip.
+
 The loss is the mean over micro-batches of each micro-batch's per-kind token means.
 """
 
@@ -100,15 +111,63 @@ def tree_accumulate(fn: Callable, xs, *, mode: str | None = None):
     return total, aux
 
 
+class _BatchLayout:
+    """The GSPMD step's sharding constraints (see the module docstring): ``rules`` (the
+    :mod:`tml.parallel.sharding` rule set, ``None`` = defaults) decide the batch axes
+    (the ``"batch"`` rule) and the parameters' shardings (their logical axes)."""
+
+    def __init__(self, mesh, rules):
+        from tml.parallel.sharding import normalize_rules
+
+        self.mesh, self.rules = mesh, normalize_rules(rules, mesh)
+
+    def spec(self, rows: int) -> P:
+        """PartitionSpec of a [rows, ...] array: rows over the batch axes dividing it."""
+        from tml.parallel.sharding import batch_spec
+
+        return batch_spec(self.mesh, self.rules, rows)
+
+    def axes(self, rows: int) -> tuple[str, ...]:
+        entry = tuple(self.spec(rows))
+        entry = entry[0] if entry else None
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    def _pin(self, x, spec: P):
+        from jax.sharding import NamedSharding
+
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+
+    def micro_batches(self, micro: dict) -> dict:
+        """[n, B/n, ...] → the same, each micro-batch split over the batch axes."""
+        return {k: self._pin(v, P(None, *self.spec(v.shape[1]))) for k, v in micro.items()}
+
+    def rows(self, tree):
+        """Every [rows, ...] leaf of ``tree`` split over the batch axes."""
+        return jax.tree.map(lambda v: self._pin(v, self.spec(v.shape[0])) if v.ndim else v, tree)
+
+    def like_params(self, grads, params):
+        """``grads`` pinned to the shardings of ``params`` (same tree, from the logical axes)."""
+        from tml.parallel.sharding import state_shardings
+
+        sh = jax.tree.leaves(state_shardings(params, self.rules, self.mesh, strict=False))
+        leaves, tree = jax.tree.flatten(grads)
+        return jax.tree.unflatten(tree, [jax.lax.with_sharding_constraint(g, s) for g, s in zip(leaves, sh)])
+
+
 def make_train_step(graphdef, tx, weights: LossWeights, balance_rate: float, *,
-                    micro_batches: int = 1, mesh=None):
+                    micro_batches: int = 1, mesh=None, rules=None, loss_chunk: int = 0):
     """The training step, a :class:`TrainStep`: ``(TrainState, batch [B, ...]) → StepOutput``
     (the new state, the metrics, the expert load).
 
     ``mesh``: a :func:`tml.parallel.make_mesh` mesh (``None`` = one device); the batch is
-    split over its ``data`` axis, which must divide ``micro_batches``. Metrics: per-kind
-    losses and token counts (means / sums over micro-batches) and ``grad_norm``; the MoE
-    expert load [n_moe_layers, E] (mean over micro-batches) comes beside them.
+    split over its ``data`` axis, which must divide ``micro_batches``. ``rules``: the
+    sharding rules (``None`` = :data:`tml.parallel.DEFAULT_RULES`) whose ``"batch"`` entry
+    and parameter names lay out a GSPMD step (a mesh with ``fsdp`` / ``tensor`` /
+    ``expert`` > 1; unused on one device and on a pure data-parallel mesh). ``loss_chunk``
+    > 0: the text loss's vocabulary projection ``loss_chunk`` positions at a time
+    (:func:`tml.model.loss.chunked_text_logprobs`; 0 = the model's whole logits). Metrics:
+    per-kind losses and token counts (means / sums over micro-batches) and ``grad_norm``;
+    the MoE expert load [n_moe_layers, E] (mean over micro-batches) comes beside them.
     """
     sizes = {} if mesh is None else {a: int(n) for a, n in dict(mesh.shape).items()}
     # Ordered data parallelism needs the data axis manual (shard_map); with other axes
@@ -116,14 +175,20 @@ def make_train_step(graphdef, tx, weights: LossWeights, balance_rate: float, *,
     # such meshes leave the whole step to GSPMD (compiler-ordered reductions).
     ordered = sizes.get(DATA_AXIS, 1) > 1 and all(n == 1 for a, n in sizes.items() if a != DATA_AXIS)
     d = sizes[DATA_AXIS] if ordered else 1
+    layout = _BatchLayout(mesh, rules) if any(n > 1 for n in sizes.values()) and not ordered else None
     if micro_batches % d:
         raise ValueError(f"train.micro_batches={micro_batches} must be a multiple of the data-parallel "
                          f"degree {d} (each rank computes whole canonical micro-batches): set e.g. "
                          f"train.micro_batches={d}, and keep it fixed to keep the bits across meshes")
 
     def loss_fn(params, rest, mb):
-        out = nnx.merge(graphdef, params, rest)(mb)
-        loss, metrics = losses(out, mb, weights)
+        model = nnx.merge(graphdef, params, rest)
+        out = model(mb)
+        if layout is not None:
+            out = out._replace(**layout.rows({k: getattr(out, k) for k in ("text_logits", "speech_logits",
+                                                                             "hidden")}))
+        head = model.text_head.w[...] if loss_chunk else None
+        loss, metrics = losses(out, mb, weights, text_head_w=head, chunk=loss_chunk)
         return loss, (metrics, out.expert_load)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -131,10 +196,19 @@ def make_train_step(graphdef, tx, weights: LossWeights, balance_rate: float, *,
     def rank_grads(params, rest, batch):
         """This rank's rows [B/d, ...] → the summed gradient over all ranks, gathered aux."""
         def one(mb):
-            (_, aux), grads = grad_fn(params, rest, mb)
-            return grads, aux
+            if layout is None:
+                (_, aux), grads = grad_fn(params, rest, mb)
+                return grads, aux
+            mb = layout.rows(mb)
+            rows = jax.tree.leaves(mb)[0].shape[0]
+            with kernels.sharded_weight_grads(layout.mesh, layout.axes(rows)):
+                (_, aux), grads = grad_fn(params, rest, mb)
+            return layout.like_params(grads, params), aux
 
-        grads, aux = tree_accumulate(one, split_micro(batch, micro_batches // d))
+        micro = split_micro(batch, micro_batches // d)
+        if layout is not None:
+            micro = layout.micro_batches(micro)
+        grads, aux = tree_accumulate(one, micro)
         if ordered:
             grads = jax.tree.map(lambda g: kernels.ordered_all_reduce(g, DATA_AXIS), grads)
             aux = jax.tree.map(lambda a: jax.lax.all_gather(a, DATA_AXIS, axis=0, tiled=True), aux)
