@@ -18,7 +18,6 @@ the training step's gradients (``tml.train.step``, batch_invariant) on both.
 Writes ``OUT_PREFIX.npz`` (arrays ``<run>/<name>``) and ``OUT_PREFIX.json``.
 """
 
-import json
 import os
 import sys
 import time
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tests.parallel.parallel_fixtures import save_results
 from tml import kernels
 from tml.parallel import (
     DEFAULT_RULES,
@@ -187,9 +187,7 @@ def main():
     arrays = {}
     {"kernel": kernel_group, "model": model_group}[group](arrays, info)
     info["seconds"] = round(time.perf_counter() - t0, 2)
-    np.savez(prefix + ".npz", **arrays)
-    with open(prefix + ".json", "w") as fh:
-        json.dump(info, fh)
+    save_results(prefix, info, arrays)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""Shared by test_parallel.py and its 8-device helper: the tiny test model of
-tests/model/tiny_model.py with cheap deterministic weights, and packed rows made like its
-make_batch.
+"""Shared by the parallel tests and their 8-device helpers: the tiny test model of
+tests/model/tiny_model.py with cheap deterministic weights, packed rows made like its
+make_batch, and the launching and collecting of helper subprocesses.
 
 Weights are drawn with numpy rather than the model's initialiser: initialising under
 JAX compiles the random ops (10-15 s on this machine, again in every subprocess);
 the parallel tests compare sharded and unsharded runs of the *same* weights, so any
 reasonable values do.
 """
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -57,3 +63,41 @@ def numpy_model(cfg=CFG, seed: int = 0):
     model.hmlp.scales = plan_out_scales(cfg.temporal_patch_size, cfg.patch_size, cfg.vision_layers,
                                         cfg.n_channels)
     return model
+
+
+# ------------------------------------------------ 8-device helper subprocesses
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def launch_groups(helper: str, groups, out: Path) -> dict:
+    """Start ``python -m helper <group> <out/group>`` for each group, side by side, from the
+    repository root with ``XLA_FLAGS`` removed (the helper sets its own device count).
+    Returns {group: Popen}; pass it to :func:`collect_groups`."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return {g: subprocess.Popen([sys.executable, "-m", helper, g, str(out / g)], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for g in groups}
+
+
+def collect_groups(procs: dict, out: Path, timeout: float) -> dict:
+    """{group: (info json, {name: array})} the helpers wrote with :func:`save_results`;
+    a helper that failed raises with its stderr's tail; every helper still running is killed."""
+    try:
+        results = {}
+        for g, p in procs.items():
+            _, err = p.communicate(timeout=timeout)
+            assert p.returncode == 0, err[-4000:]
+            results[g] = (json.loads((out / f"{g}.json").read_text()), dict(np.load(out / f"{g}.npz")))
+        return results
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+
+
+def save_results(prefix: str, info: dict, arrays: dict) -> None:
+    """A helper's results: ``prefix.npz`` (arrays) and ``prefix.json`` (info)."""
+    np.savez(prefix + ".npz", **arrays)
+    with open(prefix + ".json", "w") as fh:
+        json.dump(info, fh)

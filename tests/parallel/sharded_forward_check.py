@@ -10,7 +10,6 @@ unsharded reference logits are computed by the test process itself (one device),
 the comparison is "8-device SPMD program" vs "plain single-device program".
 """
 
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tests.parallel.parallel_fixtures import make_rows, numpy_model
+from tests.parallel.parallel_fixtures import make_rows, numpy_model, save_results
 from tml import kernels
 from tml.model.layers import Linear, RMSNorm
 from tml.parallel import (
@@ -127,9 +126,7 @@ def main():
             y = f(jnp.ones((8, 16, 64)))
         info["constraint_spec"] = str(y.sharding.spec)
     info["seconds"] = round(time.perf_counter() - t0, 2)
-    np.savez(prefix + ".npz", **arrays)
-    with open(prefix + ".json", "w") as fh:
-        json.dump(info, fh)
+    save_results(prefix, info, arrays)
 
 
 if __name__ == "__main__":

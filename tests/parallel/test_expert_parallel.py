@@ -9,10 +9,6 @@ errors are checked here on an ``AbstractMesh`` (they are raised at trace time, b
 any device is needed). The 8-device tests are marked slow (still run in CI).
 """
 
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +16,11 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
+from tests.parallel.parallel_fixtures import collect_groups, launch_groups
 from tml.parallel import AXES, DEFAULT_RULES, expert_parallel, token_mesh_axes
 from tml.parallel.expert import capacity, moe_ffn
 
 HELPER = "tests.parallel.expert_parallel_check"
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GRADS = ("x", "weights", "w_gate", "w_up", "w_down")
 EP_RUNS = ("ep2", "ep4", "ep8", "data2_expert4")
 # the 8-device tests share two subprocesses (~1.5 + 1 CPU-minutes of compiles): rare and long
@@ -95,22 +91,7 @@ def test_capacity():
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("expert_parallel")
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    procs = {g: subprocess.Popen([sys.executable, "-m", HELPER, g, str(out / g)], env=env, cwd=REPO,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for g in ("kernel", "model")}
-    try:
-        res = {}
-        for g, p in procs.items():
-            _, err = p.communicate(timeout=600)
-            assert p.returncode == 0, err[-4000:]
-            res[g] = (json.loads((out / f"{g}.json").read_text()), dict(np.load(out / f"{g}.npz")))
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-    return res
+    return collect_groups(launch_groups(HELPER, ("kernel", "model"), out), out, timeout=600)
 
 
 @SLOW

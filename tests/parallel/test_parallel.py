@@ -8,10 +8,7 @@ row-tiled kernels) and is shown to differ in ``standard`` mode; meshes that spli
 contraction (tensor, fsdp) are compared with a tolerance (measured: not bitwise).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +17,13 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 from omegaconf import OmegaConf
 
+from tests.parallel.parallel_fixtures import (
+    CFG,
+    collect_groups,
+    launch_groups,
+    make_rows,
+    numpy_model,
+)
 from tml.parallel import (
     AXES,
     DEFAULT_RULES,
@@ -34,8 +38,6 @@ from tml.parallel import (
     param_specs,
     state_specs,
 )
-
-from tests.parallel.parallel_fixtures import CFG, make_rows, numpy_model
 
 HELPER = "tests.parallel.sharded_forward_check"  # run as ``python -m`` from the repository root
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -194,27 +196,14 @@ def sharded(tmp_path_factory):
     from tml import kernels
 
     out = tmp_path_factory.mktemp("parallel")
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    procs = {g: subprocess.Popen([sys.executable, "-m", HELPER, g, str(out / g)], env=env, cwd=REPO,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for g in ("dp", "tp")}
-    try:
-        model, batch = numpy_model(), make_rows()
-        ref = {}
-        for mode in ("batch_invariant", "standard"):
-            with kernels.kernel_mode(mode):
-                o = nnx.jit(lambda m, b: m(b))(model, batch)
-            ref[mode] = {"text": np.asarray(o.text_logits), "speech": np.asarray(o.speech_logits)}
-        results = {}
-        for g, p in procs.items():
-            _, err = p.communicate(timeout=400)
-            assert p.returncode == 0, err[-4000:]
-            results[g] = (json.loads((out / f"{g}.json").read_text()), dict(np.load(out / f"{g}.npz")))
-    finally:
-        for p in procs.values():
-            if p.poll() is None:
-                p.kill()
+    procs = launch_groups(HELPER, ("dp", "tp"), out)
+    model, batch = numpy_model(), make_rows()
+    ref = {}
+    for mode in ("batch_invariant", "standard"):
+        with kernels.kernel_mode(mode):
+            o = nnx.jit(lambda m, b: m(b))(model, batch)
+        ref[mode] = {"text": np.asarray(o.text_logits), "speech": np.asarray(o.speech_logits)}
+    results = collect_groups(procs, out, timeout=400)
     return ref, results
 
 
