@@ -15,8 +15,8 @@ run: $(STAMP)          ## main job: pretrain `tiny` on the embedded corpus (buil
 	$(VENV)/bin/tml train
 	$(VENV)/bin/tml divergence divergence.checkpoint=runs/tiny divergence.out=runs/tiny/divergence divergence.sessions=8
 
-test: $(STAMP)         ## the test suite
-	$(VENV)/bin/pytest -q -n 2
+test: $(STAMP)         ## the test suite (a module's tests on one worker: its compiled module fixtures and 8-device subprocesses are built once)
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)        ## data, kernel, model, training and sampler benchmarks (tables + JSON in bench_results/)
 	$(VENV)/bin/tml data bench
