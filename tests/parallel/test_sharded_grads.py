@@ -47,3 +47,20 @@ def test_step_temporaries_shrink_with_the_batch_split():
     # the tiny model's activations and logits per device: 1 row of 8 against 4 (the rest,
     # weights gathered over fsdp and the rows' fixed costs, does not shrink)
     assert b8["temp"] < 0.6 * b2["temp"], out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_ranks_looped_weight_gradient_has_the_unrolled_bits(dtype):
+    """Each rank's chain runs as the loop (one [K, N] accumulator live), bitwise the
+    chunk-batched unrolled GEMM that one device runs for 2,048 rows (4 chunks)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from kernels import tiled_matmul as tm
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2048, 300)), dtype)
+    dy = jnp.asarray(rng.standard_normal((2048, 96)), dtype)
+    a = np.asarray(tm._local_weight_grad(x, dy, tm.ROW_TILE, tm.K_CHUNK, "reference"))
+    b = np.asarray(tm._forward_2d(x.T, dy, tm.ROW_TILE, tm.K_CHUNK, "reference"))
+    assert a.shape == b.shape == (300, 96) and np.array_equal(a.view(np.uint32), b.view(np.uint32))
