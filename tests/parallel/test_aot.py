@@ -144,3 +144,43 @@ def test_a_program_that_does_not_fit_is_reported_not_raised():
     assert set(p["seconds"]) == {"trace", "lower", "compile"} and "RESOURCE_EXHAUSTED" in p["error"]
     with pytest.raises(RuntimeError, match="INVALID_ARGUMENT"):
         aot._program(Stage("INVALID_ARGUMENT: something else"))
+
+
+def test_trip_count_inferred_from_the_loop_condition():
+    """The TPU compiler prints no known_trip_count: the bound of the condition's
+    ``compare(counter, constant), direction=LT`` less the counter's init (a copy of a
+    constant) gives it; a condition of another form leaves the loop unknown (counted once)."""
+    hlo = """
+%cond (p: (s32[], f32[8])) -> pred[] {
+  %c = s32[]{:T(128)} constant(17)
+  %p = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ar = f32[8]{0} all-reduce(%x), to_apply=%add
+  ROOT %t = (s32[], f32[8]) tuple(%i, %ar)
+}
+
+%odd (p: (s32[], f32[8])) -> pred[] {
+  %p = (s32[]{:T(128)}, f32[8]{0}) parameter(0)
+  ROOT %b = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %zero = s32[]{:T(128)} constant(1)
+  %start = s32[]{:T(128)} copy(%zero)
+  %init = (s32[]{:T(128)}, f32[8]{0}) tuple(%start, %a)
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body
+  %w2 = (s32[], f32[8]) while(%init), condition=%odd, body=%body
+  ROOT %r = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+    out = aot.collective_bytes(hlo)
+    assert out["all-reduce"]["count"] == 1 and out["all-reduce"]["step_count"] == 16 + 1
+    assert out["all-reduce"]["step_bytes"] == 17 * 32
+    assert out["loops"] == {"unknown_trip_counts": 1}

@@ -13,11 +13,18 @@ touched. Without libtpu, ``--fake-cpu`` compiles for as many fake CPU devices
 same mesh shape: the shardings and collectives are GSPMD's for that mesh, the memory
 figures XLA:CPU's (a stand-in, and said so in the table).
 
-What is compiled is the trainer's step (:func:`tml.train.step.make_train_step`), its two
-programs as :meth:`~tml.train.step.TrainStep.jit` runs them, with the batch-invariant
-kernels traced for the target (:func:`tml.kernels.compile_target`) and one change: the gradient leaves the gradients program **sharded like the parameters**,
-where the trainer asks for it replicated (``out_shardings=(replicated,) * 3``), which
-on a pod would put a full copy of the gradient on every chip.
+What is compiled is the trainer's step (:func:`tml.train.step.make_train_step`, with the
+recipe's sharding rules: on this fsdp x expert mesh its GSPMD layout — each micro-batch
+split over the batch axes, weight gradients shard by shard,
+:func:`tml.kernels.sharded_weight_grads`), its two programs as
+:meth:`~tml.train.step.TrainStep.jit` runs them, with the batch-invariant kernels traced
+for the target (:func:`tml.kernels.compile_target`) and two changes: the gradient leaves
+the gradients program **sharded like the parameters**, where the trainer asks for it
+replicated (``out_shardings=(replicated,) * 3``), which on a pod would put a full copy of
+the gradient on every chip; and the MoE layers run expert-parallel
+(:func:`tml.parallel.expert_parallel`, ``--capacity-factor``; ``--no-expert-parallel``
+leaves them to GSPMD), which ``tml train`` does not enter yet. ``--loss-chunk N``
+computes the text loss N positions at a time (:func:`tml.model.loss.chunked_text_logprobs`).
 
 ``impl`` (``--impl``, default ``reference``): the batch-invariant kernels' jnp algorithm,
 lowered by XLA for TPU. ``--impl pallas`` fails on any mesh with more than one device:
@@ -120,8 +127,11 @@ def _executions(comps: dict[str, list[str]], entry: str | None) -> tuple[dict[st
             n = 1
             if " while(" in line:
                 m = _TRIP_COUNT.search(line)
+                inferred = None if m else _inferred_trip_count(comps, name, line)
                 if m:
                     n = int(m.group(1))
+                elif inferred is not None:
+                    n = inferred
                 else:
                     unknown += times
             for c in called:
@@ -129,6 +139,50 @@ def _executions(comps: dict[str, list[str]], entry: str | None) -> tuple[dict[st
 
     visit(entry, 1)
     return runs, unknown
+
+
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_WHILE_INIT = re.compile(r"\bwhile\(%?([\w.\-]+)\)")
+_CONST = re.compile(r"^\s*%?([\w.\-]+)\s*=\s*s32\[\][^=]*\bconstant\((-?\d+)\)")
+_GTE = re.compile(r"^\s*%?([\w.\-]+)\s*=.*get-tuple-element\(%?[\w.\-]+\),\s*index=(\d+)")
+_LT = re.compile(r"compare\(%?([\w.\-]+),\s*%?([\w.\-]+)\),\s*direction=LT")
+_COPY = re.compile(r"^\s*%?([\w.\-]+)\s*=.*?\bcopy\(%?([\w.\-]+)\)")
+_TUPLE = re.compile(r"^\s*%?([\w.\-]+)\s*=.*?\btuple\((.*?)\)(?:,|$)")
+
+
+def _inferred_trip_count(comps: dict[str, list[str]], caller: str, line: str) -> int | None:
+    """Trip count of a while loop the compiler printed without ``known_trip_count`` (the
+    TPU compiler's HLO): its condition ``compare(get-tuple-element(p, index=k),
+    constant(N)), direction=LT`` gives the bound N, the loop's init tuple element k (a
+    constant in ``caller``, else 0) the start — the counted loop that ``lax.scan`` /
+    ``fori_loop`` lower to. ``None`` when the condition is not of that form."""
+    cm, im = _CONDITION.search(line), _WHILE_INIT.search(line)
+    if not cm or cm.group(1) not in comps:
+        return None
+    consts, gtes, bound, index = {}, {}, None, None
+    for cl in comps[cm.group(1)]:
+        if m := _CONST.match(cl):
+            consts[m.group(1)] = int(m.group(2))
+        if m := _GTE.match(cl):
+            gtes[m.group(1)] = int(m.group(2))
+        if m := _LT.search(cl):
+            a, b = m.groups()
+            if a in gtes and b in consts:
+                index, bound = gtes[a], consts[b]
+    if bound is None:
+        return None
+    start = 0
+    if im:
+        defs = {m.group(1): m.group(2) for cl in comps[caller] if (m := _TUPLE.match(cl))}
+        caller_consts = {m.group(1): int(m.group(2)) for cl in comps[caller] if (m := _CONST.match(cl))}
+        copies = {m.group(1): m.group(2) for cl in comps[caller] if (m := _COPY.match(cl))}
+        operands = [o.split("*/")[-1].strip().lstrip("%") for o in defs.get(im.group(1), "").split(",")]
+        if index < len(operands):
+            op = operands[index]
+            for _ in range(4):  # the init may be a copy of the constant
+                op = copies.get(op, op)
+            start = caller_consts.get(op, 0)
+    return max(bound - start, 0)
 
 
 def collective_bytes(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -238,9 +292,19 @@ def _memory(compiled) -> dict[str, int]:
             "code": int(m.generated_code_size_in_bytes)}
 
 
-def compile_plan(cfg, devices, *, platform: str, impl: str = "reference") -> dict:
+def compile_plan(cfg, devices, *, platform: str, impl: str = "reference", expert_parallel: bool = True,
+                 capacity_factor: float | None = None, loss_chunk: int = 0) -> dict:
     """Compile the training step of ``cfg`` (a :class:`tml.config.TmlConfig`) for ``devices``
-    (TPU topology devices, or CPU devices) → the plan as a JSON-able dict."""
+    (TPU topology devices, or CPU devices) → the plan as a JSON-able dict.
+
+    ``expert_parallel``: trace the step inside :func:`tml.parallel.expert_parallel` (MoE
+    dispatch by all-to-all over ``expert``, ``capacity_factor`` ``None`` = dropless) when
+    the model has MoE layers and the mesh an ``expert`` axis > 1; otherwise GSPMD
+    partitions the one-device MoE layer, whose tile scan over the sorted tokens it cannot
+    split (every chip would run the whole micro-batch's experts). ``loss_chunk``: the text
+    loss's vocabulary projection in chunks of that many positions (0 = whole logits)."""
+    import contextlib
+
     import jax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
@@ -264,9 +328,15 @@ def compile_plan(cfg, devices, *, platform: str, impl: str = "reference") -> dic
     batch = batch_shapes(tc.batch_size, cfg.loader.row_length, cfg.loader.max_patches_per_row)
     b_sh = {k: batch_sharding(mesh, rules, tc.batch_size) for k in batch}
     step = make_train_step(graphdef, tx, LossWeights(tc.loss_text, tc.loss_speech, tc.loss_control),
-                           cfg.model.balance_rate, micro_batches=tc.micro_batches, mesh=mesh)
+                           cfg.model.balance_rate, micro_batches=tc.micro_batches, mesh=mesh, rules=rules,
+                           loss_chunk=loss_chunk)
+    from tml.parallel.expert import expert_parallel as ep_block
+
     programs: dict[str, dict] = {}
-    with kernels.kernel_mode(tc.kernel_mode), kernels.kernel_impl(impl), kernels.compile_target(platform):
+    moe = "moe" in cfg.model.resolved_mlp_types() and dict(mesh.shape).get("expert", 1) > 1
+    ep = ep_block(mesh, rules=rules, capacity_factor=capacity_factor) if moe and expert_parallel else \
+        contextlib.nullcontext()
+    with kernels.kernel_mode(tc.kernel_mode), kernels.kernel_impl(impl), kernels.compile_target(platform), ep:
         opt_state = jax.eval_shape(tx.init, params)
         o_sh = optimizer_shardings(opt_state, params, p_sh, rep)
         grads_j = jax.jit(step.gradients, in_shardings=(p_sh, r_sh, b_sh), out_shardings=(p_sh, rep, rep))
@@ -283,6 +353,8 @@ def compile_plan(cfg, devices, *, platform: str, impl: str = "reference") -> dic
         "mesh": {a: int(n) for a, n in dict(mesh.shape).items()},
         "batch": {"rows": tc.batch_size, "row_length": cfg.loader.row_length,
                   "micro_batches": tc.micro_batches, "kernel_mode": tc.kernel_mode, "impl": impl},
+        "expert_parallel": ({"capacity_factor": capacity_factor} if moe and expert_parallel else None),
+        "loss_chunk": loss_chunk,
         "layers": cfg.model.n_layers,
         "parameters": {"count": int(n_params), "bytes_total": int(total_params), "bytes_per_device": per_params},
         "optimizer": {"bytes_per_device": _shard_bytes(opt_state, o_sh)},
@@ -380,6 +452,11 @@ def format_table(plan: dict) -> str:
             f"{plan['device_kind'] or plan['platform']} devices{topo}, mesh {mesh}; batch {plan['batch']['rows']} x "
             f"{plan['batch']['row_length']}, {plan['batch']['micro_batches']} micro-batch(es), "
             f"{plan['batch']['kernel_mode']} kernels (impl={plan['batch']['impl']})")
+    if plan.get("expert_parallel") is not None:
+        cf = plan["expert_parallel"]["capacity_factor"]
+        head += f"; MoE expert-parallel ({'dropless' if cf is None else f'capacity factor {cf:g}'})"
+    if plan.get("loss_chunk"):
+        head += f"; text loss in chunks of {plan['loss_chunk']} positions"
     if plan.get("stand_in"):
         head += f"\n(stand-in: {plan['stand_in']})"
     lines = [head, "", "| per device | gradients program | update program |", "|---|---|---|"]
@@ -421,25 +498,31 @@ def load_config(overrides: list[str]):
 
 
 def run(overrides: list[str], *, topology: str | None, fake_cpu: int = 0, out: str | None = DEFAULT_OUT,
-        impl: str = "reference") -> dict:
+        impl: str = "reference", expert_parallel: bool = True, capacity_factor: float | None = None,
+        loss_chunk: int = 0) -> dict:
     """Compile and report (this process must not have started JAX if ``fake_cpu``)."""
     cfg = load_config(overrides)
+    kw = {"impl": impl, "expert_parallel": expert_parallel, "capacity_factor": capacity_factor,
+          "loss_chunk": loss_chunk}
     if fake_cpu:
         import jax
 
         if jax.device_count() < fake_cpu:
             raise RuntimeError(f"--fake-cpu {fake_cpu}: JAX started with {jax.device_count()} devices; run "
                                f"this in a fresh process (python -m tml.parallel.aot ... --fake-cpu {fake_cpu})")
-        plan = compile_plan(cfg, jax.devices()[:fake_cpu], platform="cpu", impl=impl)
+        plan = compile_plan(cfg, jax.devices()[:fake_cpu], platform="cpu", **kw)
         plan["stand_in"] = (f"{fake_cpu} fake CPU devices with the mesh of {topology or 'the topology'}: "
                             "GSPMD's shardings and collectives, XLA:CPU's memory figures")
     else:
         if not have_libtpu():
             raise RuntimeError("libtpu is not installed: pip install 'tml[tpu-aot]' (libtpu 0.0.42.*), or pass "
                                "--fake-cpu N for a stand-in with N fake CPU devices")
-        plan = compile_plan(cfg, tpu_devices(topology), platform="tpu", impl=impl)
+        plan = compile_plan(cfg, tpu_devices(topology), platform="tpu", **kw)
     plan["topology"] = topology
     plan["overrides"] = list(overrides)
+    plan["flags"] = ([] if expert_parallel else ["--no-expert-parallel"]) + \
+        ([f"--capacity-factor {capacity_factor:g}"] if capacity_factor is not None else []) + \
+        ([f"--loss-chunk {loss_chunk}"] if loss_chunk else [])
     if out:
         record_plan(out, plan)
     return plan
@@ -448,7 +531,7 @@ def run(overrides: list[str], *, topology: str | None, fake_cpu: int = 0, out: s
 def plan_key(plan: dict) -> str:
     """The command that made a plan: its overrides and the topology (or the stand-in)."""
     where = f"--fake-cpu {plan['devices']}" if plan.get("stand_in") else f"--topology {plan['topology']}"
-    return " ".join([*plan["overrides"], where])
+    return " ".join([*plan["overrides"], where, *plan.get("flags", [])])
 
 
 def record_plan(out: str, plan: dict) -> None:
@@ -477,6 +560,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fake-cpu", type=int, default=0, help="stand-in: compile for N fake CPU devices")
     ap.add_argument("--impl", default="reference", choices=("reference", "pallas"),
                     help="batch_invariant implementation (pallas needs shard_map-wrapped kernels, see the docstring)")
+    ap.add_argument("--capacity-factor", type=float, default=None,
+                    help="expert-parallel buffer capacity factor (default: dropless worst-case buffers)")
+    ap.add_argument("--loss-chunk", type=int, default=0,
+                    help="text loss: vocabulary projection this many positions at a time (default 0: whole)")
+    ap.add_argument("--no-expert-parallel", action="store_true",
+                    help="leave the MoE layers to GSPMD instead of tml.parallel.expert_parallel")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON report (default {DEFAULT_OUT}; '' = none)")
     args, overrides = ap.parse_known_args(argv)
     if args.fake_cpu and "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -485,7 +574,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(subprocess.call([sys.executable, "-m", "tml.parallel.aot", *(argv or sys.argv[1:])], env=env))
     if not args.fake_cpu:
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu only describes the topology here
-    plan = run(overrides, topology=args.topology, fake_cpu=args.fake_cpu, out=args.out or None, impl=args.impl)
+    plan = run(overrides, topology=args.topology, fake_cpu=args.fake_cpu, out=args.out or None, impl=args.impl,
+               expert_parallel=not args.no_expert_parallel, capacity_factor=args.capacity_factor,
+               loss_chunk=args.loss_chunk)
     print(format_table(plan))
     if args.out:
         print(f"\nwritten {args.out}")
