@@ -38,8 +38,9 @@ shardings; arguments / outputs / temporaries (activations) of each program from
 ``compiled.memory_analysis()``; collective bytes = the summed operand sizes of every
 all-gather / reduce-scatter / all-reduce / all-to-all / collective-permute in the
 compiled HLO as one run of the program executes them (an op inside a while loop counts
-its loop's ``known_trip_count`` times, :func:`collective_bytes`); compile time per phase
-(trace, lower, compile). A program the TPU compiler finds too large for the chip's HBM is
+its loop's ``known_trip_count`` times, or the count inferred from its condition where the
+TPU compiler prints none, :func:`collective_bytes`); compile time per phase (trace,
+lower, compile). A program the TPU compiler finds too large for the chip's HBM is
 reported as "does not fit" with the temporaries it asked for. JSON: ``bench_results/aot.json``,
 one entry per command (:func:`record_plan`).
 """
