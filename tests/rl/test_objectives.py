@@ -88,3 +88,19 @@ def test_entropy_by_hand():
     p = jnp.array([[0.5, 0.25, 0.25], [1.0, 1e-30, 1e-30]])
     h = np.asarray(obj.entropy(jnp.log(p)))
     np.testing.assert_allclose(h, [1.5 * math.log(2), 0.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_sum_const"])
+def test_aggregation_weights_are_aggregate_and_split_over_rows(mode):
+    """sum(w * x) == aggregate(x) over the batch, and the row-wise split (the learner's
+    micro-batches) sums to the same; an empty row gets weight 0."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [0] * 6, [0, 0, 1, 0, 1, 0]], np.float32)
+    w = obj.aggregation_weights(mask, mode, constant=5.0)
+    assert w.dtype == np.float32 and np.all(w[2] == 0) and np.all(w[mask == 0] == 0)
+    want = float(obj.aggregate(jnp.asarray(x), jnp.asarray(mask), mode, constant=5.0))
+    np.testing.assert_allclose(float(np.sum(w * x)), want, rtol=1e-6)
+    np.testing.assert_allclose(sum(float(np.sum(w[i] * x[i])) for i in range(4)), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="choose one of"):
+        obj.aggregation_weights(mask, "sum")

@@ -100,6 +100,23 @@ def aggregate(per_token: jax.Array, mask: jax.Array, mode: str = "token_mean", *
     raise ValueError(f"loss aggregation {mode!r}: choose one of {AGGREGATIONS}")
 
 
+def aggregation_weights(mask, mode: str = "token_mean", *, constant: float = 1.0):
+    """:func:`aggregate` as per-token weights (numpy float32 [B, T]): ``sum(w * x)`` is
+    ``aggregate(x, mask, mode)`` (up to rounding), and, being linear, it splits over any
+    rows — the learner sums it over micro-batches of rows (gradient accumulation)."""
+    import numpy as np
+
+    m = (np.asarray(mask) > 0).astype(np.float32)
+    if mode == "token_mean":
+        return m / np.float32(max(m.sum(), 1.0))
+    if mode == "seq_mean_token_mean":
+        n = m.sum(axis=1, keepdims=True)
+        return (m / np.maximum(n, 1.0) / np.float32(max((n > 0).sum(), 1))).astype(np.float32)
+    if mode == "seq_sum_const":
+        return m / np.float32(m.shape[0] * constant)
+    raise ValueError(f"loss aggregation {mode!r}: choose one of {AGGREGATIONS}")
+
+
 def entropy(logp: jax.Array) -> jax.Array:
     """Entropy of each distribution over the last axis, from its log-probs [..., V] → [...]."""
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
@@ -110,5 +127,5 @@ def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(m.sum(), 1.0)
 
 
-__all__ = ["ADVANTAGES", "AGGREGATIONS", "aggregate", "entropy", "group_advantages", "kl_k3", "masked_mean",
+__all__ = ["ADVANTAGES", "AGGREGATIONS", "aggregate", "aggregation_weights", "entropy", "group_advantages", "kl_k3", "masked_mean",
            "ppo_clip", "truncated_is_weights"]
