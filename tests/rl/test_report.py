@@ -2,6 +2,7 @@
 alignment check fails a batch_invariant run with one importance ratio != 1."""
 
 import json
+import time
 
 from tml.rl.report import main
 from tml.sampler.divergence import ALIGNED
@@ -13,7 +14,8 @@ def fake_run(d, mode, rewards, ratio=1.0):
     lines = []
     for s, r in enumerate(rewards, 1):
         rec = {"step": s, **ALIGNED, "reward/mean": r, "reward/pause_tor": -r, "rl/ratio_min": 1.0,
-               "rl/ratio_max": ratio if s == 2 else 1.0, "time/rollout_s": 1.0}
+               "rl/ratio_max": ratio if s == 2 else 1.0, "time/rollout_s": 1.0,
+               "time": time.time() + 10.0 * s, "mem/rss_gb": 2.0}
         lines.append(json.dumps(rec))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return d
@@ -27,6 +29,7 @@ def test_report_gains_plots_and_alignment(tmp_path, capsys):
     bi, std = doc["runs"]
     assert bi["rewards"]["reward/mean"]["gain"] == (0.5 + 0.9) / 2 - (0.0 + 0.1) / 2
     assert bi["alignment"]["all_ratios_exactly_one"] and not std["alignment"]["all_ratios_exactly_one"]
+    assert [round(w / 10) for w in bi["wall_seconds"]] == [1, 2, 3, 4] and bi["rss_gb"] == [2.0] * 4
     assert (tmp_path / "rep" / "rewards.png").stat().st_size > 0 and (tmp_path / "rep" / "drift.png").exists()
     assert "every importance ratio exactly 1: True" in capsys.readouterr().out
     c = fake_run(tmp_path / "bad", "batch_invariant", [0.0, 1.0], ratio=0.9999999)

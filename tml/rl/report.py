@@ -63,6 +63,17 @@ def alignment_check(run: dict[str, Any]) -> dict[str, Any]:
             "violations": bad[:20]}
 
 
+def wall_seconds(run: dict[str, Any]) -> list[float | None]:
+    """Per step, wall seconds from the run's start (``rl_config.json`` is written when it
+    starts; each record's ``time`` is when it was logged) to the step's record; a resumed
+    run counts from its last start."""
+    cfg = Path(run["dir"]) / "rl_config.json"
+    if not cfg.exists():
+        return [None] * len(run["records"])
+    t0 = cfg.stat().st_mtime
+    return [round(r["time"] - t0, 1) if isinstance(r.get("time"), (int, float)) else None for r in run["records"]]
+
+
 def reward_names(runs: list[dict[str, Any]]) -> list[str]:
     names = sorted({k for run in runs for r in run["records"] for k in r if k.startswith("reward/")}
                    - {"reward/std"})
@@ -179,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                  "episode_seconds_mean": [r.get("episode/seconds_mean") for r in run["records"]],
                  "step_seconds": [round(sum(v for k, v in r.items() if k.startswith("time/")), 2)
                                   for r in run["records"]],
+                 "wall_seconds": wall_seconds(run),
+                 "rss_gb": [r.get("mem/rss_gb") for r in run["records"]],
                  "alignment": alignment_check(run)}
         if run["mode"] == "batch_invariant" and not entry["alignment"]["all_ratios_exactly_one"]:
             ok = False
@@ -187,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     doc["plots"] = [str(p) for p in plot(runs, out)]
     (out / "report.json").write_text(json.dumps(doc, indent=1))
     for e in doc["runs"]:
-        print(f"{e['name']} ({e['mode']}, {e['steps']} steps): every importance ratio exactly 1: "
-              f"{e['alignment']['all_ratios_exactly_one']}")
+        print(f"{e['name']} ({e['mode']}, {e['steps']} steps, {e['wall_seconds'][-1]} s wall): every importance "
+              f"ratio exactly 1: {e['alignment']['all_ratios_exactly_one']}")
         for n, s in e["rewards"].items():
             print(f"  {n:28s} first {s['first']:+.3f}  last {s['last']:+.3f}  gain {s['gain']:+.3f} "
                   f"(means of {s['window']} steps)")
