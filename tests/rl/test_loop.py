@@ -70,7 +70,7 @@ def test_resume_is_bitwise(aligned, tmp_path):
     first, split = rl(tmp_path, "split", steps=1)
     second, _ = rl(tmp_path, "split", steps=2)
     assert [r["step"] for r in first + second] == [1, 2]
-    drop = ("time", "engine/")  # wall times; the compile counter is per process, shared by engines
+    drop = ("time", "engine/", "mem/")  # wall times; the compile counter is per process, shared by engines; RSS
     for a, b in zip(records, first + second):
         a = {k: v for k, v in a.items() if not k.startswith(drop)}
         b = {k: v for k, v in b.items() if not k.startswith(drop)}
@@ -164,3 +164,21 @@ def test_reacting_user_and_micro_turn_credit_step_is_exactly_aligned(tmp_path):
     assert r["user/stopped"] >= 0 and r["user/repeated"] >= 0
     with pytest.raises(ValueError, match="rl.credit"):
         rl(tmp_path, "bad3", credit="token")
+
+
+def test_micro_batched_learner_on_fixed_rows_is_the_full_batch_update(aligned, tmp_path):
+    """rl.learn_rows=1 (gradients summed row by row) on rows of rl.row_tokens (one compiled
+    shape for the run): the same episodes and drift, exactly aligned and ratio 1, and the
+    update's loss / gradient norm / entropy those of the full-batch step (up to float
+    rounding of the summation order); an episode longer than the rows is dropped, named."""
+    records, _ = aligned
+    (r,), _ = rl(tmp_path, "mb", steps=1, learn_rows=1, row_tokens=1024)
+    full = records[0]
+    assert {k: r[k] for k in METRICS} == ALIGNED and r["rl/ratio_min"] == r["rl/ratio_max"] == 1.0
+    assert r["reward/mean"] == full["reward/mean"] and r["tokens"] == full["tokens"]
+    for k in ("rl/pg_loss", "rl/grad_norm", "rl/entropy", "rl/ratio_mean"):
+        np.testing.assert_allclose(r[k], full[k], rtol=1e-4, atol=1e-7)
+    with pytest.raises(RuntimeError, match=r"every episode was dropped.*rl.row_tokens gives 64"):
+        rl(tmp_path, "short", steps=1, row_tokens=64)
+    with pytest.raises(ValueError, match="rl.row_tokens must be 0 or a positive multiple"):
+        rl(tmp_path, "bad4", row_tokens=100)

@@ -47,6 +47,9 @@ class RLConfig:
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0                 # k3 KL to the frozen initial policy; 0 = off (still logged if > 0)
     tis_cap: float = 0.0                 # truncated importance sampling cap; 0 = off
+    row_tokens: int = 0                  # learner + score row length, fixed for the run (one compiled shape; an
+    #                                      episode laid out longer is dropped); 0 = the step's power-of-two bucket
+    learn_rows: int = 0                  # rows per forward/backward (gradients summed over them); 0 = all at once
     ppo_epochs: int = 1                  # gradient steps per rollout batch (full batch each)
     lr: float = 1e-4                     # AdamW (tml.train.optim.make_optimizer), constant, no decay
     clip_norm: float = 1.0

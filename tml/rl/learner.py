@@ -14,6 +14,12 @@ For a batch of played episodes (:class:`tml.rl.rollout.Episode`):
    (:func:`tml.sampler.score.pad_rows`: same length bucket, same patch bucket), so the
    gradient is taken through the program that produced the old log-probs. The action
    mask [B, L-1] is the sampled slots (index ``p - 1`` predicts slot ``p``).
+   ``rl.row_tokens`` fixes ``L`` for the run (one compiled shape for score and the
+   update; the power-of-two bucket of each step's longest row recompiled both whenever
+   it changed) and ``rl.learn_rows`` scores and differentiates that many rows at a time,
+   the gradients summed (memory ~ rows x L: a full batch of 8192-token rows grew past
+   11 GB on the demo); in ``batch_invariant`` a row's bits do not depend on its batch,
+   so the first epoch's ratio stays exactly 1.
 3. **Loss** (:mod:`tml.rl.objectives`): PPO-clip on ``exp(logp - old)`` with each
    token's advantage (:func:`token_advantages`: the episode's group advantage, or the
    advantages of the scorers' events around the token's micro-turn), optionally weighted by
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -132,22 +139,31 @@ def _at_slots(rows: list[np.ndarray], positions: list[np.ndarray], shape) -> np.
     return out
 
 
+def row_length(c: RLConfig) -> int | None:
+    """The learner's (and ``score``'s) row length: ``rl.row_tokens`` (one compiled shape
+    for the whole run), or None (the power-of-two bucket of the step's longest row)."""
+    return c.row_tokens or None
+
+
 def prepare(model, ref_model, episodes: list[Episode], c: RLConfig) -> Prepared:
-    """Steps 1-2 of the module docstring (``model``: the weights the engine sampled with)."""
+    """Steps 1-2 of the module docstring (``model``: the weights the engine sampled with).
+    Rows are scored ``rl.learn_rows`` at a time (0: all at once), ``rl.row_tokens`` long."""
     turns = [e.turns for e in episodes]
     B = len(episodes)
-    scored = score(model, turns, batch_size=B)
+    L = row_length(c)
+    bs = c.learn_rows or B
+    scored = score(model, turns, batch_size=bs, length=L)
     sam, tra, pos = [], [], []
     for e, s in zip(episodes, scored):
         a, b, p, _ = trainer_logprobs(e.outputs, s)
         sam.append(a), tra.append(b), pos.append(p)
     drift = drift_metrics(np.concatenate(sam), np.concatenate(tra))
-    batch = pad_rows([layout(t) for t in turns])
+    batch = {k: np.asarray(v) for k, v in pad_rows([layout(t) for t in turns], L).items()}
     shape = (B, batch["tokens"].shape[1] - 1)
     mask = _at_slots([np.ones(len(p), np.float32) for p in pos], pos, shape)
     if c.kl_coef > 0:
         ref = []
-        for e, s in zip(episodes, score(ref_model, turns, batch_size=B)):
+        for e, s in zip(episodes, score(ref_model, turns, batch_size=bs, length=L)):
             ref.append(trainer_logprobs(e.outputs, s)[1])
         ref = _at_slots(ref, pos, shape)
     else:
@@ -156,7 +172,15 @@ def prepare(model, ref_model, episodes: list[Episode], c: RLConfig) -> Prepared:
                     token_advantages(episodes, c, pos, shape), drift, int(sum(len(p) for p in pos)))
 
 
-_UPDATES: list[tuple[object, tuple, object]] = []  # (graphdef, loss fields, jitted update): one per run config
+class Update(NamedTuple):
+    """The learner's two jitted programs (:func:`_make_update`)."""
+
+    grad: object    # (params, rest, batch, mask, weight, sampler, old, ref, adv) -> (grads, sums)
+    apply: object   # (params, opt_state, grads) -> (params, opt_state, grad_norm)
+    add: object     # (tree, tree) -> tree
+
+
+_UPDATES: list[tuple[object, tuple, Update]] = []  # (graphdef, loss fields, programs): one per run config
 
 
 def _loss_key(c: RLConfig) -> tuple:
@@ -164,7 +188,7 @@ def _loss_key(c: RLConfig) -> tuple:
             c.max_micro_turns, c.episode_seconds, c.lr, c.clip_norm)
 
 
-def make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation):
+def make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation) -> Update:
     """Shared by runs of one architecture and loss config (a resumed run in the same
     process compiles nothing new), else :func:`_make_update`."""
     for g, key, fn in _UPDATES:
@@ -175,14 +199,15 @@ def make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation):
     return fn
 
 
-def _make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation):
-    """→ jitted ``update(params, rest, opt_state, batch, mask, sampler, old, ref, adv)`` →
-    (params, opt_state, metrics). One full-batch gradient step; recompiles only for a new
-    row-length bucket (and kernel mode)."""
-    micro_turns = round(c.episode_seconds * 5) if c.episode_seconds > 0 else max(c.max_micro_turns, 1)
-    constant = float(c.max_output_tokens * micro_turns)
+def _make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation) -> Update:
+    """→ :class:`Update`. ``grad`` takes one micro-batch of rows [b, L] and returns the
+    gradient of ``sum(weight * per-token loss)`` (``weight`` [b, L-1]: the aggregation's
+    per-token weights over the whole batch, :func:`tml.rl.objectives.aggregation_weights`,
+    so the micro-batches' gradients add up to the full batch's) and the sums the metrics
+    are made of; ``apply`` one AdamW step on the summed gradients. They recompile only for
+    a new row shape (and kernel mode): ``rl.row_tokens`` and ``rl.learn_rows`` fix it."""
 
-    def loss_fn(params, rest, batch, mask, sampler, old, ref, adv):
+    def loss_fn(params, rest, batch, mask, weight, sampler, old, ref, adv):
         out = nnx.merge(graphdef, params, rest)(batch)
         lp = token_logprobs(out, batch)
         logp = jnp.where(lp["speech_mask"], kernels.pairwise_sum(lp["speech"], -1), lp["token"])
@@ -190,44 +215,78 @@ def _make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation):
         if c.tis_cap > 0:
             per_tok = per_tok * obj.truncated_is_weights(old, sampler, mask, c.tis_cap)
         kl = obj.kl_k3(logp, ref, mask)
-        loss = obj.aggregate(per_tok, mask, c.aggregation, constant=constant)
-        if c.kl_coef > 0:
-            loss = loss + c.kl_coef * obj.aggregate(kl, mask, c.aggregation, constant=constant)
+        on = mask > 0
+        pg = jnp.sum(jnp.where(on, weight * per_tok, 0.0))
+        loss = pg + (c.kl_coef * jnp.sum(jnp.where(on, weight * kl, 0.0)) if c.kl_coef > 0 else 0.0)
         ent_text = obj.entropy(kernels.log_softmax(jax.lax.stop_gradient(out.text_logits[:, :-1]).astype(jnp.float32)))
         ent_sp = obj.entropy(kernels.log_softmax(jax.lax.stop_gradient(out.speech_logits[:, :-1]).astype(jnp.float32)))
         ent = jnp.where(lp["speech_mask"], ent_sp.sum(-1), ent_text)
-        aux = {"rl/pg_loss": loss, "rl/clip_fraction": obj.masked_mean(clipped, mask),
-               "rl/ratio_mean": obj.masked_mean(ratio, mask), "rl/entropy": obj.masked_mean(ent, mask),
-               "rl/ratio_min": jnp.min(jnp.where(mask > 0, ratio, jnp.inf)),
-               "rl/ratio_max": jnp.max(jnp.where(mask > 0, ratio, -jnp.inf)),
-               "rl/kl_ref": obj.masked_mean(kl, mask) if c.kl_coef > 0 else jnp.float32(0.0)}
-        return loss, aux
+        total = lambda x: jnp.sum(jnp.where(on, x, 0.0))
+        sums = {"rl/pg_loss": pg, "rl/loss": loss, "n": jnp.sum(on.astype(jnp.float32)),
+                "rl/clip_fraction": total(clipped.astype(jnp.float32)), "rl/ratio_mean": total(ratio),
+                "rl/entropy": total(ent), "rl/kl_ref": total(kl) if c.kl_coef > 0 else jnp.float32(0.0),
+                "rl/ratio_min": jnp.min(jnp.where(on, ratio, jnp.inf)),
+                "rl/ratio_max": jnp.max(jnp.where(on, ratio, -jnp.inf))}
+        return loss, sums
 
-    def update(params, rest, opt_state, batch, mask, sampler, old, ref, adv):
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch, mask, sampler, old,
-                                                                        ref, adv)
+    def grad(params, rest, batch, mask, weight, sampler, old, ref, adv):
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch, mask, weight, sampler,
+                                                                     old, ref, adv)
+        return grads, sums
+
+    def apply(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {**aux, "rl/loss": loss, "rl/grad_norm": optax.global_norm(grads)}
+        return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
 
-    return jax.jit(update)
+    return Update(jax.jit(grad), jax.jit(apply), jax.jit(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)))
 
 
-def learn(update, params, rest, opt_state, p: Prepared, c: RLConfig):
-    """``rl.ppo_epochs`` full-batch updates on one prepared batch → (params, opt_state,
-    metrics of the first epoch plus the last epoch's clip fraction and seconds)."""
-    args = [jnp.asarray(x) for x in (p.mask, p.sampler, p.old, p.ref, p.advantages)]
+_SUMMED = ("rl/pg_loss", "rl/loss", "n", "rl/clip_fraction", "rl/ratio_mean", "rl/entropy", "rl/kl_ref")
+_MEANS = ("rl/clip_fraction", "rl/ratio_mean", "rl/entropy", "rl/kl_ref")
+
+
+def learn(update: Update, params, rest, opt_state, p: Prepared, c: RLConfig):
+    """``rl.ppo_epochs`` full-batch updates on one prepared batch, each the sum of the
+    gradients of micro-batches of ``rl.learn_rows`` rows (0: one micro-batch) → (params,
+    opt_state, metrics of the first epoch plus the last epoch's clip fraction and seconds)."""
+    micro_turns = round(c.episode_seconds * 5) if c.episode_seconds > 0 else max(c.max_micro_turns, 1)
+    weight = obj.aggregation_weights(p.mask, c.aggregation, constant=float(c.max_output_tokens * micro_turns))
+    B = p.mask.shape[0]
+    bs = c.learn_rows or B
+    chunks = []
+    for i in range(0, B, bs):  # the last micro-batch padded with masked-out copies of its first row: one shape
+        idx = np.arange(i, i + bs) % B
+        keep = (np.arange(i, i + bs) < B)[:, None].astype(np.float32)
+        arrays = [p.mask[idx] * keep, weight[idx] * keep, p.sampler[idx], p.old[idx], p.ref[idx], p.advantages[idx]]
+        chunks.append(({k: jnp.asarray(v[idx]) for k, v in p.batch.items()}, [jnp.asarray(a) for a in arrays]))
     t0 = time.perf_counter()
-    first = None
+    first = last = None
     for _ in range(c.ppo_epochs):
-        params, opt_state, m = update(params, rest, opt_state, p.batch, *args)
-        first = first or m
-    metrics = {k: float(v) for k, v in first.items()}
-    metrics["rl/clip_fraction_last_epoch"] = float(m["rl/clip_fraction"])
+        grads, sums = None, []
+        for batch, arrays in chunks:
+            g, s = update.grad(params, rest, batch, *arrays)
+            grads = g if grads is None else update.add(grads, g)
+            sums.append(s)
+        params, opt_state, gnorm = update.apply(params, opt_state, grads)
+        last = _metrics(sums, gnorm)
+        first = first or last
+    metrics = dict(first)
+    metrics["rl/clip_fraction_last_epoch"] = last["rl/clip_fraction"]
     jax.block_until_ready(params)
     metrics["time/learn_s"] = time.perf_counter() - t0
     return params, opt_state, metrics
 
 
-__all__ = ["Prepared", "advantages_of", "learn", "make_update", "micro_turn_advantages", "optimizer_for", "prepare",
-           "token_advantages"]
+def _metrics(sums: list[dict], grad_norm) -> dict[str, float]:
+    """Micro-batch sums → the epoch's metrics (masked means over every action token)."""
+    tot = {k: float(sum(float(s[k]) for s in sums)) for k in _SUMMED}
+    out = {k: tot[k] for k in ("rl/pg_loss", "rl/loss")}
+    out.update({k: tot[k] / max(tot["n"], 1.0) for k in _MEANS})
+    out["rl/ratio_min"] = min(float(s["rl/ratio_min"]) for s in sums)
+    out["rl/ratio_max"] = max(float(s["rl/ratio_max"]) for s in sums)
+    out["rl/grad_norm"] = float(grad_norm)
+    return out
+
+
+__all__ = ["Prepared", "Update", "advantages_of", "learn", "make_update", "micro_turn_advantages", "optimizer_for",
+           "prepare", "row_length", "token_advantages"]

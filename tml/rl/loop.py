@@ -76,6 +76,9 @@ def validate(c: RLConfig) -> None:
     if c.episode_seconds < 0 or c.user_stop_after < 0 or c.user_repeat_after_s < 0 or c.user_max_repeats < 0:
         problems.append("rl.episode_seconds, rl.user_stop_after, rl.user_repeat_after_s and rl.user_max_repeats "
                         "must be >= 0")
+    if c.row_tokens < 0 or c.row_tokens % kernels.SPLIT_SIZE or c.learn_rows < 0:
+        problems.append(f"rl.row_tokens must be 0 or a positive multiple of {kernels.SPLIT_SIZE} and rl.learn_rows "
+                        f">= 0, got {c.row_tokens}, {c.learn_rows}")
     if problems:
         raise ValueError("invalid rl config: " + "; ".join(problems))
     check_weights(c.rewards)
@@ -121,6 +124,35 @@ def canonical(tree):
     return jax.tree_util.tree_map(lambda x: jax.device_put(jnp.asarray(np.asarray(x)), dev), tree)
 
 
+def rss_gb() -> float:
+    """This process's resident set size now (GB, /proc/self/status VmRSS; 0.0 where absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1e6
+    except OSError:
+        pass
+    return 0.0
+
+
+def fit_rows(episodes: list, row_tokens: int) -> tuple[list, list[str]]:
+    """Episodes whose laid-out row fits ``rl.row_tokens`` (0: any) → (kept, dropped with the reason)."""
+    from tml.stream import layout
+
+    if not row_tokens:
+        return episodes, []
+    kept, dropped = [], []
+    for e in episodes:
+        n = len(layout(e.turns))
+        if n > row_tokens:
+            log.warning("dropping episode %s: %d tokens, rl.row_tokens=%d", e.name, n, row_tokens)
+            dropped.append(f"{e.name}: {n} tokens laid out, rl.row_tokens gives {row_tokens}: raise it")
+        else:
+            kept.append(e)
+    return kept, dropped
+
+
 def run(cfg) -> list[dict]:
     """``tml rl`` on a composed :class:`tml.config.TmlConfig` (``cfg.rl``, ``cfg.model``) →
     the records logged this run."""
@@ -146,7 +178,7 @@ def run(cfg) -> list[dict]:
     run_dir = Path(c.run_dir)
     init = _pinned_init(run_dir, c.init_checkpoint)
     (run_dir / "rl_config.json").write_text(json.dumps(dataclasses.asdict(c), indent=1))  # tml.rl.report reads it
-    model, loaded = load_model(cfg.model, init, c.seed)
+    model, _ = load_model(cfg.model, init, c.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ref_model = nnx.merge(graphdef, params, rest)
     tx = optimizer_for(c)
@@ -199,6 +231,8 @@ def run(cfg) -> list[dict]:
                 else:
                     episodes, dropped = play(engine, groups, weights)
                     compiled = engine.compiled_programs()
+                episodes, too_long = fit_rows(episodes, c.row_tokens)
+                dropped += too_long
                 if not episodes:
                     raise RuntimeError(f"step {state.step}: every episode was dropped ({dropped}): check "
                                        "rl.max_context and the scenarios")
@@ -230,14 +264,15 @@ def run(cfg) -> list[dict]:
                            "user/stopped": sum(r["kind"] == "stopped" for e in episodes for r in e.reactions),
                            "user/repeated": sum(r["kind"] == "repeated" for e in episodes for r in e.reactions),
                            "time/rollout_s": t1 - t0, "time/score_s": t2 - t1, "time/push_s": push,
-                           "engine/compiled_programs": compiled,
+                           "engine/compiled_programs": compiled, "mem/rss_gb": rss_gb(),
                            "engine/compiled_programs_after_push": ack["compiled_programs"]}
                 if c.check_push:  # the engine holds the learner's bits (sha256 of every weight's raw bytes)
                     metrics["engine/push_bitwise"] = float(ack["digest"] == weights_digest(new))
                 records.append(logger.log(holder["state"].step, metrics))
                 print(f"tml rl step {holder['state'].step}: reward {metrics['reward/mean']:.3f} "
                       f"bitwise_equal {metrics['mismatch/bitwise_equal_fraction']:.4f} "
-                      f"kl_k3 {metrics['mismatch/kl_k3']:.3g} ({t3 - t0 + push:.1f} s)", flush=True)
+                      f"kl_k3 {metrics['mismatch/kl_k3']:.3g} rss {metrics['mem/rss_gb']:.2f} GB ({t3 - t0 + push:.1f} s)",
+                      flush=True)
                 if c.save_every and holder["state"].step % c.save_every == 0:
                     save()
         save()
@@ -250,4 +285,4 @@ def run(cfg) -> list[dict]:
     return records
 
 
-__all__ = ["MODES", "canonical", "run", "validate"]
+__all__ = ["MODES", "canonical", "fit_rows", "rss_gb", "run", "validate"]

@@ -60,13 +60,17 @@ def row_bucket(n: int) -> int:
     return size
 
 
-def pad_rows(seqs: list[Tokens]) -> dict:
+def pad_rows(seqs: list[Tokens], length: int | None = None) -> dict:
     """Laid-out sessions → the padded batch :func:`score` runs (and a learner must take its
     gradient through, to run the program that produced the log-probs): every field
-    [B, L] (``dmel`` [B, L, ...]) padded to ``L = row_bucket(longest)`` with segment 0,
+    [B, L] (``dmel`` [B, L, ...]) padded to ``L = row_bucket(longest)`` (or ``length``,
+    one shape for every call: e.g. an RL run's fixed row) with segment 0,
     ``patches`` uint8 [B, Np, ...] padded to the next power of two ``Np`` of the most
     patches (at least 1); jax arrays."""
-    L = row_bucket(max(len(s) for s in seqs))
+    longest = max(len(s) for s in seqs)
+    if length is not None and longest > length:
+        raise ValueError(f"a session of {longest} tokens does not fit rows of length={length}")
+    L = row_bucket(longest) if length is None else length
     Np = 1 << (max(1, max(len(s.patches) for s in seqs)) - 1).bit_length()  # a power of two
     out = {}
     for name, fill in (("tokens", 0), ("modality", 0), ("positions", 0), ("segment_ids", 0), ("micro_turn", 0),
@@ -89,19 +93,21 @@ def _score_rows(model, batch):
 
 
 def score(model, sessions: list[list[MicroTurn]], *, tokenizer: Tokenizer = ByteTokenizer(),
-          batch_size: int = 8) -> list[ScoredSession]:
+          batch_size: int = 8, length: int | None = None) -> list[ScoredSession]:
     """Score finished sessions (each a list of committed micro-turns, e.g. ``engine.turns(sid)``).
 
     model: an :class:`tml.model.InteractionModel`, or ``(graphdef, state)`` from
     ``nnx.split``. Sessions are batched ``batch_size`` rows at a time (the bits of a row
-    do not depend on the others in ``batch_invariant`` mode)."""
+    do not depend on the others in ``batch_invariant`` mode), each batch padded by
+    :func:`pad_rows` (``length``: a fixed row length, one compiled shape)."""
     if not isinstance(model, nnx.Module):
         model = nnx.merge(*model)
     seqs = [layout(turns, tokenizer) for turns in sessions]
     out: list[ScoredSession] = []
     for i in range(0, len(seqs), batch_size):
         group = seqs[i:i + batch_size]
-        tok, sp = _score_rows(model, pad_rows(group))
+        tok, sp = _score_rows(model, pad_rows(group, length))
+        frames = speech_frame_logprob(sp)  # on the padded batch: one shape per batch, not one per session length
         tok, sp = np.asarray(tok), np.asarray(sp)
         for r, s in enumerate(group):
             L = len(s)
@@ -109,7 +115,9 @@ def score(model, sessions: list[list[MicroTurn]], *, tokenizer: Tokenizer = Byte
             t[1:] = tok[r, :L - 1]
             c = np.full((L, sp.shape[-1]), np.nan, np.float32)
             c[1:] = sp[r, :L - 1]
-            out.append(ScoredSession(s.tokens, s.loss_kind, t, c, speech_frame_logprob(c)))
+            f = np.full(L, np.nan, np.float32)
+            f[1:] = frames[r, :L - 1]
+            out.append(ScoredSession(s.tokens, s.loss_kind, t, c, f))
     return out
 
 
