@@ -56,7 +56,7 @@ def test_a_ranks_looped_weight_gradient_has_the_unrolled_bits(dtype):
     import jax.numpy as jnp
     import numpy as np
 
-    from kernels import tiled_matmul as tm
+    from tml.kernels import tiled_matmul as tm
 
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.standard_normal((2048, 300)), dtype)
