@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from tests.model.tiny_model import CFG, tiny_model
-from tests.sampler.scenario import JOIN, ROLLBACK, inputs_for, run_scenario, sampler_vs_score
+from tests.sampler.scenario import ENGINE, JOIN, ROLLBACK, inputs_for, run_scenario, sampler_vs_score
 from tml import kernels
 from tml.model.model import InteractionModel
 from tml.sampler import Engine, score
@@ -62,6 +62,33 @@ def test_six_concurrent_sessions_of_different_lengths(runs, mode, equal):
     assert all(aligned(run, f"s{n}") for n in JOIN) == equal
     if equal:  # the committed history is exactly the row the engine fed
         assert all(len(layout(run.turns[f"s{n}"])) == run.lengths[f"s{n}"] for n in JOIN if f"s{n}" in run.lengths)
+
+
+@pytest.mark.parametrize("mode,equal", MODES)
+def test_sixty_four_concurrent_sessions_of_different_lengths(model, mode, equal):
+    """64 sessions in one engine, every tick one batch of 64 rows: session i joins at tick
+    i % 4 and feeds 2 + i % 3 micro-turns (so the batch holds sessions at different
+    depths, some already done and idle), prefill in chunks of 32. Every sampled token's
+    log-prob is the bits of ``score`` on the finished session's one row; standard
+    diverges (64-row batched matmuls and a paged softmax vs the trainer's row)."""
+    n, engine = 64, {**ENGINE, "max_sessions": 64, "batch_buckets": (64,), "max_output_tokens": 6}
+    joins = {i: i % 4 for i in range(n)}
+    feeds = {i: inputs_for(1000 + i, 2 + i % 3) for i in range(n)}
+    with kernels.kernel_mode(mode):
+        eng = Engine(model, max_prefill_chunk=32, chunk_buckets=(32,), **engine)
+        sids = {}
+        for t in range(max(joins.values()) + max(len(f) for f in feeds.values())):
+            for i in range(n):
+                if joins[i] == t:
+                    sids[i] = eng.open(seed=i)
+                k = t - joins[i]
+                if i in sids and k < len(feeds[i]):
+                    eng.append(sids[i], feeds[i][k])
+            eng.tick()
+        assert len({eng.length(s) for s in sids.values()}) >= 8  # they really differ
+        scored = score(model, [eng.turns(sids[i]) for i in range(n)])
+        ok = [same(*sampler_vs_score(eng.outputs(sids[i]), scored[i])) for i in range(n)]
+    assert all(ok) == equal
 
 
 @pytest.mark.parametrize("mode,equal", MODES)
