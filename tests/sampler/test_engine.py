@@ -10,6 +10,7 @@ from flax import nnx
 from tests.model.tiny_model import CFG, tiny_model
 from tests.sampler.scenario import ENGINE, inputs_for
 from tml.audio import dmel
+from tml.bench_report import BACKEND_COMPILE
 from tml.model.model import InteractionModel
 from tml.sampler import (Engine, OutputGrammar, PoolExhausted, SamplingParams, SessionError, TurnInputs, choose,
                          stream_dmel, uniforms)
@@ -17,7 +18,6 @@ from tml.stream import layout
 from tml.stream.micro_turns import pad_to_micro_turns
 from tml.text import ByteTokenizer
 
-BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax._src.dispatch.BACKEND_COMPILE_EVENT
 KW = {**ENGINE, "max_prefill_chunk": 8, "chunk_buckets": (8,)}
 
 

@@ -31,6 +31,7 @@ def test_quick_run_writes_json(tmp_path, capsys):
                     "attention_s_median", "attention_share"):
             assert positive(m[key]), (mode, key, m[key])
         assert math.isfinite(m["last_loss"])
+        assert m["compiled_while_timing"] == [], (mode, m["compiled_while_timing"])  # timed what was compiled
         assert m["attention_share"] == m["attention_s_median"] / m["step_s_median"]
     assert "ratio" in capsys.readouterr().out and "attn" in data["table"][0]
 

@@ -125,6 +125,7 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
     from flax import nnx
 
     from tml import kernels
+    from tml.bench_report import count_compiles
     from tml.model.bench import ALIGN, make_batch
     from tml.model.count import count_params, forward_flops, train_step_flops
     from tml.model.loss import LossWeights
@@ -170,7 +171,8 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
             attn = jax.jit(attn_fn).lower(*attn_args).compile()
         jax.block_until_ready(attn(*attn_args))
         runs[mode] = {"fn": compiled, "state": state, "compile_s": compile_s, "first_step_s": first_s,
-                      "samples_s": [], "loss": float(met["loss"]), "attention": attn, "attention_samples_s": []}
+                      "samples_s": [], "loss": float(met["loss"]), "attention": attn, "attention_samples_s": [],
+                      "compiled_while_timing": []}
         log(f"[{name}] {mode:<15} compiled in {compile_s:.1f}s, first step {first_s:.2f}s")
         if progress is not None:
             progress.update(1)
@@ -178,16 +180,20 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
     for r in range(repeats):
         for mode in (MODES if r % 2 == 0 else MODES[::-1]):
             run = runs[mode]
-            t = time.perf_counter()
-            for _ in range(steps):
-                run["state"], met, _ = run["fn"](run["state"], batch)
-                jax.device_get(met)
-            run["samples_s"].append((time.perf_counter() - t) / steps)
-            run["loss"] = float(met["loss"])
-            t = time.perf_counter()
-            for _ in range(steps):
-                jax.block_until_ready(run["attention"](*attn_args))
-            run["attention_samples_s"].append((time.perf_counter() - t) / steps)
+            # under the mode it was compiled in: the mode is part of jit's cache key, so a
+            # call outside it would trace and compile the step again for the default mode
+            with kernels.kernel_mode(mode), count_compiles() as compiled:
+                t = time.perf_counter()
+                for _ in range(steps):
+                    run["state"], met, _ = run["fn"](run["state"], batch)
+                    jax.device_get(met)
+                run["samples_s"].append((time.perf_counter() - t) / steps)
+                run["loss"] = float(met["loss"])
+                t = time.perf_counter()
+                for _ in range(steps):
+                    jax.block_until_ready(run["attention"](*attn_args))
+                run["attention_samples_s"].append((time.perf_counter() - t) / steps)
+            run["compiled_while_timing"] += compiled
             if progress is not None:
                 progress.update(1)
 
@@ -201,7 +207,10 @@ def bench_model(name: str, *, steps: int, repeats: int, shape: tuple | None, see
             "step_s_median": med, "step_s_best": min(run["samples_s"]), "samples_s": run["samples_s"],
             "tokens_per_s": tokens / med, "model_flops_per_s": flops / med,
             "compile_s": run["compile_s"], "first_step_s": run["first_step_s"],
-            "last_loss": run["loss"]}
+            "last_loss": run["loss"], "compiled_while_timing": run["compiled_while_timing"]}
+        if run["compiled_while_timing"]:
+            log(f"[{name}] WARNING {mode}: {len(run['compiled_while_timing'])} programs compiled while timing "
+                f"({', '.join(run['compiled_while_timing'][:4])}): its samples include compile time")
         log(f"[{name}] {mode:<15} median {med * 1e3:9.1f} ms/step ({tokens / med:8.0f} tok/s), "
             f"best {min(run['samples_s']) * 1e3:.1f} ms; attention fwd+bwd alone {attn * 1e3:.1f} ms "
             f"({attn / med:.0%} of the step)")
