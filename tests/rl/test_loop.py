@@ -3,7 +3,9 @@ in ``batch_invariant`` (and not in ``standard``), weight pushes without recompil
 metrics.jsonl, bitwise resume of the whole RL state."""
 
 import dataclasses
+import tempfile
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -182,3 +184,49 @@ def test_micro_batched_learner_on_fixed_rows_is_the_full_batch_update(aligned, t
         rl(tmp_path, "short", steps=1, row_tokens=64)
     with pytest.raises(ValueError, match="rl.row_tokens must be 0 or a positive multiple"):
         rl(tmp_path, "bad4", row_tokens=100)
+
+
+
+def test_speech_weight_zero_learns_when_to_speak_not_the_audio():
+    """rl.speech_weight=0: speech frames carry no policy gradient, so (no KL) the speech
+    head's gradient is exactly 0 while the text head's is not; with the default weight 1
+    both move, and the text head's gradient does not depend on the weight (the speech
+    frames' log-probs do not reach it)."""
+    from flax import nnx
+
+    from tests.stream.random_turns import random_turns
+    from tml.eval.checkpoint import load_model
+    from tml.model.loss import next_token_targets, token_logprobs
+    from tml.rl.learner import _make_update, optimizer_for
+    from tml.sampler.score import pad_rows
+    from tml.stream import layout
+
+    rng = np.random.default_rng(0)
+    batch = {k: jax.numpy.asarray(v) for k, v in pad_rows([layout(random_turns(rng, 6, video_every=0))
+                                                           for _ in range(2)]).items()}
+    t = next_token_targets(batch)
+    mask = np.asarray(t["text"] | t["speech"] | t["control"], np.float32)
+    assert np.asarray(t["speech"]).sum() > 0 and np.asarray(t["text"]).sum() > 0
+    weight = mask / mask.sum()
+    adv = rng.standard_normal(mask.shape).astype(np.float32)
+    zeros = np.zeros_like(mask)
+    model = load_model(CFG, None, 0)[0]
+    lp = token_logprobs(model(batch), batch)
+    old = np.where(lp["speech_mask"], np.asarray(lp["speech"]).sum(-1), lp["token"]).astype(np.float32)  # ratio ~1
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grads(w):
+        c = dataclasses.replace(RECIPE, speech_weight=w)
+        g, _ = _make_update(graphdef, c, optimizer_for(c)).grad(params, rest, batch, mask, weight, zeros, old,
+                                                                zeros, adv)
+        flat = jax.tree_util.tree_flatten_with_path(g)[0]
+        pick = lambda name: [np.asarray(x) for p, x in flat if name in jax.tree_util.keystr(p)]
+        return pick("speech_head"), pick("text_head")
+
+    sp0, tx0 = grads(0.0)
+    sp1, tx1 = grads(1.0)
+    assert sp0 and all(not x.any() for x in sp0) and any(x.any() for x in tx0)
+    assert any(x.any() for x in sp1)
+    assert all(np.array_equal(a, b) for a, b in zip(tx0, tx1))
+    with pytest.raises(ValueError, match="rl.speech_weight"):
+        rl(Path(tempfile.mkdtemp()), "bad", speech_weight=-1.0)

@@ -43,6 +43,8 @@ class RLConfig:
     advantage: str = "grpo"              # grpo | drgrpo
     std_normalize: bool = True           # grpo only
     aggregation: str = "token_mean"      # token_mean | seq_mean_token_mean | seq_sum_const (drgrpo's)
+    speech_weight: float = 1.0           # policy-gradient weight of a speech frame (its 80 channels' log-prob sum)
+    #                                      against a text/control token; 0 = learn when to speak, not the audio
     clip_eps: float = 0.2                # PPO-clip: ratio kept in [1 - clip_eps, 1 + clip_eps_high]
     clip_eps_high: float = 0.2
     kl_coef: float = 0.0                 # k3 KL to the frozen initial policy; 0 = off (still logged if > 0)

@@ -184,7 +184,7 @@ _UPDATES: list[tuple[object, tuple, Update]] = []  # (graphdef, loss fields, pro
 
 
 def _loss_key(c: RLConfig) -> tuple:
-    return (c.clip_eps, c.clip_eps_high, c.tis_cap, c.kl_coef, c.aggregation, c.max_output_tokens,
+    return (c.clip_eps, c.clip_eps_high, c.tis_cap, c.kl_coef, c.aggregation, c.speech_weight, c.max_output_tokens,
             c.max_micro_turns, c.episode_seconds, c.lr, c.clip_norm)
 
 
@@ -216,7 +216,8 @@ def _make_update(graphdef, c: RLConfig, tx: optax.GradientTransformation) -> Upd
             per_tok = per_tok * obj.truncated_is_weights(old, sampler, mask, c.tis_cap)
         kl = obj.kl_k3(logp, ref, mask)
         on = mask > 0
-        pg = jnp.sum(jnp.where(on, weight * per_tok, 0.0))
+        pg_weight = jnp.where(lp["speech_mask"], weight * c.speech_weight, weight) if c.speech_weight != 1.0 else weight
+        pg = jnp.sum(jnp.where(on, pg_weight * per_tok, 0.0))
         loss = pg + (c.kl_coef * jnp.sum(jnp.where(on, weight * kl, 0.0)) if c.kl_coef > 0 else 0.0)
         ent_text = obj.entropy(kernels.log_softmax(jax.lax.stop_gradient(out.text_logits[:, :-1]).astype(jnp.float32)))
         ent_sp = obj.entropy(kernels.log_softmax(jax.lax.stop_gradient(out.speech_logits[:, :-1]).astype(jnp.float32)))

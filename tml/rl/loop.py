@@ -68,8 +68,9 @@ def validate(c: RLConfig) -> None:
         problems.append(f"rl.aggregation={c.aggregation!r}: choose one of {AGGREGATIONS}")
     if c.steps < 0 or c.ppo_epochs < 1:
         problems.append(f"rl.steps must be >= 0 and rl.ppo_epochs >= 1, got {c.steps}, {c.ppo_epochs}")
-    if c.tis_cap < 0 or c.kl_coef < 0:
-        problems.append(f"rl.tis_cap and rl.kl_coef must be >= 0, got {c.tis_cap}, {c.kl_coef}")
+    if c.tis_cap < 0 or c.kl_coef < 0 or c.speech_weight < 0:
+        problems.append(f"rl.tis_cap, rl.kl_coef and rl.speech_weight must be >= 0, got {c.tis_cap}, {c.kl_coef}, "
+                        f"{c.speech_weight}")
     if c.credit not in CREDITS or c.credit_radius < 0:
         problems.append(f"rl.credit={c.credit!r}, rl.credit_radius={c.credit_radius}: choose one of {CREDITS} and a "
                         "radius >= 0")
