@@ -3,9 +3,7 @@ in ``batch_invariant`` (and not in ``standard``), weight pushes without recompil
 metrics.jsonl, bitwise resume of the whole RL state."""
 
 import dataclasses
-import tempfile
 import types
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -186,8 +184,7 @@ def test_micro_batched_learner_on_fixed_rows_is_the_full_batch_update(aligned, t
         rl(tmp_path, "bad4", row_tokens=100)
 
 
-
-def test_speech_weight_zero_learns_when_to_speak_not_the_audio():
+def test_speech_weight_zero_learns_when_to_speak_not_the_audio(tmp_path):
     """rl.speech_weight=0: speech frames carry no policy gradient, so (no KL) the speech
     head's gradient is exactly 0 while the text head's is not; with the default weight 1
     both move, and the text head's gradient does not depend on the weight (the speech
@@ -229,4 +226,4 @@ def test_speech_weight_zero_learns_when_to_speak_not_the_audio():
     assert any(x.any() for x in sp1)
     assert all(np.array_equal(a, b) for a, b in zip(tx0, tx1))
     with pytest.raises(ValueError, match="rl.speech_weight"):
-        rl(Path(tempfile.mkdtemp()), "bad", speech_weight=-1.0)
+        rl(tmp_path, "bad", speech_weight=-1.0)
