@@ -27,6 +27,12 @@ class EvalConfig:
     seed: int = 0
     per_scenario: int = 4
     scenarios: list[str] = field(default_factory=list)  # empty = every scenario
+    # > 0: each of the per_scenario samples is a minutes-long episode instead -- held-out
+    # conversations of its scenario back to back until it lasts this long, the user
+    # reacting to the model (tml.eval.long_episodes; policy=model | untrained)
+    episode_seconds: float = 0.0
+    user_reacts: bool = True               # long episodes: stop when talked over, ask an ignored question again
+    max_context: int = 0                   # KV slots per session; 0 = 4096, or what the longest long episode needs
     batch_size: int = 8                    # sessions live at once (policy=model: per engine tick)
     # policy=model / untrained: the sampler (tml.eval.policies.ModelSampling). temperature 0 =
     # greedy (reproducible); above 0 each sample draws counter-based from its seed (eval.seed ^ index)

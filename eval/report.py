@@ -32,6 +32,7 @@ HEADLINE: dict[str, tuple[tuple[str, str], ...]] = {
     "activity": (("speaking_agreement", "up"), ("speaking_f1", "up"), ("text_f1", "up"),
                  ("speaking_rate", "info"), ("text_rate", "info"), ("text_bytes", "info")),
     "target_nll": (("text", "down"), ("speech", "down"), ("control", "down")),
+    "user_reactions": (("stopped_per_min", "down"), ("repeated_per_min", "down")),  # long episodes
 }
 """Per task, the metrics the table and plots show and which way is better (``info``:
 descriptive, no better direction)."""

@@ -8,6 +8,9 @@ Two sources (``eval.source``, recipes ``recipes/eval/scenarios.yaml`` and ``fdb.
   synthesised user audio, video, typed text and background results streamed to the
   policy one 200 ms micro-turn per tick (:func:`tml.eval.policies.stream`, at most
   ``eval.batch_size`` sessions live), then scored task by task.
+  With ``eval.episode_seconds > 0`` each sample is instead a held-out **minutes-long**
+  episode, conversations back to back, the user reacting to the model as in ``tml rl``
+  (:mod:`tml.eval.long_episodes`).
 * ``fdb`` -- a directory in Full-Duplex-Bench's sample layout (:mod:`tml.eval.fdb_dir`),
   each sample scored by its own task (pause handling, smooth turn-taking, user
   interruption or backchannel, detected from its metadata json). With
@@ -65,11 +68,12 @@ FDB_OUTPUTS = ("outputs", "oracle")
 """``eval.source=fdb`` policies that score the folder's own output.json (no policy runs)."""
 
 
-def make_policy(cfg: EvalConfig, model_cfg=None, seed: int = 0) -> Policy:
+def make_policy(cfg: EvalConfig, model_cfg=None, seed: int = 0, *, max_context: int = 0) -> Policy:
     """The policy ``eval.policy`` names. ``model`` / ``untrained`` need ``model_cfg`` (the
     run's ``cfg.model``); ``untrained`` (or ``model`` with ``eval.checkpoint=none``) is
     initialised with ``seed`` (``train.seed``), ``model`` restored from ``eval.checkpoint``
-    (:mod:`tml.eval.checkpoint`)."""
+    (:mod:`tml.eval.checkpoint`). ``max_context``: the engine's KV slots per session
+    (0: ``eval.max_context``, or 4096 when that is 0 too)."""
     if cfg.policy == "oracle":
         return ScriptedOracle()
     if cfg.policy == "silent":
@@ -82,6 +86,7 @@ def make_policy(cfg: EvalConfig, model_cfg=None, seed: int = 0) -> Policy:
                              "composes model=...), or call tml.eval.run.main(TmlConfig)")
         try:
             sampling = ModelSampling(cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, cfg.max_output_tokens,
+                                     max_context=max_context or cfg.max_context or ModelSampling.max_context,
                                      inputs=cfg.inputs)
             checkpoint = None if cfg.policy == "untrained" else cfg.checkpoint
             model, loaded = load_model(model_cfg, checkpoint, seed)
@@ -325,6 +330,18 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, m
         samples, errors, seeds = run_fdb(cfg)
         policy_name = "fdb outputs"
     else:
+        long = None
+        if cfg.episode_seconds:  # minutes-long held-out episodes (tml.eval.long_episodes)
+            from tml.eval import long_episodes
+
+            if cfg.source != "scenarios" or cfg.episode_seconds < 0:
+                raise SystemExit(f"eval.episode_seconds={cfg.episode_seconds}: long episodes are made of held-out "
+                                 "scenarios: use eval.source=scenarios and a duration > 0 (0 = one conversation each)")
+            names = scenario_list(cfg)
+            groups, long_errors = long_episodes.groups_for(cfg, names)
+            need = long_episodes.context_needed(groups, cfg.max_output_tokens)
+            long = (groups, long_errors, names)
+            policy = policy or make_policy(cfg, model_cfg, seed, max_context=cfg.max_context or max(need, 4096))
         policy = policy or make_policy(cfg, model_cfg, seed)
         loaded = getattr(policy, "loaded", None)
         if loaded is not None:
@@ -333,7 +350,10 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, m
                               else None}
         t_stream, cpu = time.perf_counter(), time.process_time()
         with kernels.kernel_mode(cfg.kernel_mode):
-            samples, errors, seeds = (run_scenarios if cfg.source == "scenarios" else run_fdb_policy)(cfg, policy)
+            if long is not None:
+                samples, errors, seeds = long_episodes.run_long(cfg, policy, *long)
+            else:
+                samples, errors, seeds = (run_scenarios if cfg.source == "scenarios" else run_fdb_policy)(cfg, policy)
         seconds = time.perf_counter() - t_stream
         n_mt = sum(s["micro_turns"] for s in samples)
         # wall seconds (compilation included) and this process's CPU seconds: on a shared

@@ -104,18 +104,22 @@ GAP_MICRO_TURNS = 5   # room noise between two conversations of a long script (1
 
 
 def make_long_group(scenario: str, seed: int, counter: int, group_size: int, seconds: float,
-                    reactions: Reactions | None) -> tuple[Group | None, list[str], int]:
-    """Conversations ``counter, counter + 1, ...`` of ``scenario`` back to back until the
-    script lasts ``seconds`` (module docstring) → (group, skipped conversations, next
-    counter). ``reactions`` None: the user does not react (a replay of the script)."""
+                    reactions: Reactions | None, *, index_offset: int = RL_INDEX_OFFSET
+                    ) -> tuple[Group | None, list[str], int]:
+    """Conversations ``index_offset + counter, + 1, ...`` of ``scenario`` back to back until
+    the script lasts ``seconds`` (module docstring) → (group, skipped conversations, next
+    counter). ``reactions`` None: the user does not react (a replay of the script);
+    ``index_offset`` :data:`~tml.eval.scenarios.HELD_OUT_INDEX_OFFSET`: the held-out
+    conversations ``tml eval`` scores (``eval.episode_seconds``)."""
     from tml.eval.run import prepare
     from tml.rl.user import LongEpisode, LongScript, Reactions, segment_of
 
     segments, skipped, first = [], [], counter
+    tag = "" if index_offset == RL_INDEX_OFFSET else "-heldout"
     target = round(seconds * 5)
     while True:
         for _ in range(MAX_SKIPS):
-            p = prepare(scenario, seed, RL_INDEX_OFFSET - HELD_OUT_INDEX_OFFSET + counter)
+            p = prepare(scenario, seed, index_offset - HELD_OUT_INDEX_OFFSET + counter)
             counter += 1
             if p.error is None:
                 break
@@ -123,7 +127,7 @@ def make_long_group(scenario: str, seed: int, counter: int, group_size: int, sec
         else:
             return None, skipped, counter
         segments.append(segment_of(p.ref, _turn_inputs(p)))
-        script = LongScript(f"{scenario}-long-s{seed}-{first}", scenario, segments, GAP_MICRO_TURNS)
+        script = LongScript(f"{scenario}-long{tag}-s{seed}-{first}", scenario, segments, GAP_MICRO_TURNS)
         if script.n_micro_turns >= target:
             break
     rules = reactions if reactions is not None else Reactions(stop_after=0, repeat_after_s=0.0)

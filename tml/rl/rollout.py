@@ -91,32 +91,37 @@ def _upper_bound_inputs(e) -> list:
     return out
 
 
-def serve(engine: Engine, episodes: list[EpisodeInputs]) -> tuple[dict[str, list[TurnOutput]], dict[str, list]]:
+def serve(engine: Engine, episodes: list[EpisodeInputs], on_finish=None
+          ) -> tuple[dict[str, list[TurnOutput]], dict[str, list]]:
     """Every episode one micro-turn per tick, all live together (``engine.max_sessions``
     at most; the next joins when one ends) → per name: outputs, committed turns. The one
-    scripted-session loop, :func:`tml.sampler.scripted.serve`."""
-    outputs, turns, _ = serve_scripted(engine, episodes)
+    scripted-session loop, :func:`tml.sampler.scripted.serve` (``on_finish`` as there)."""
+    outputs, turns, _ = serve_scripted(engine, episodes, on_finish)
     return outputs, turns
 
 
-def play(engine: Engine, groups: list[Group], weights: dict[str, float]) -> tuple[list[Episode], list[str]]:
+def play(engine: Engine, groups: list[Group], weights: dict[str, float], *, context_key: str = "rl.max_context",
+         on_finish=None) -> tuple[list[Episode], list[str]]:
     """Serve every episode of ``groups`` in ``engine`` and score it → (episodes in group
     order, dropped episodes with the reason). A group that cannot fit the engine's
-    context, or an episode that cannot be scored, is dropped (logged); the others go on."""
+    context (``context_key`` names the setting to raise), or an episode that cannot be
+    scored, is dropped (logged); the others go on. ``on_finish(name)``: as each episode
+    ends (:func:`tml.sampler.scripted.serve`). ``tml eval eval.episode_seconds=...``
+    plays its held-out long episodes here too (:mod:`tml.eval.long_episodes`)."""
     sessions, owner, dropped = [], {}, []
     cap = engine.pool.max_pages * engine.pool.page_size
     for gi, g in enumerate(groups):
         need = kv_needed(g.episodes[0], engine.max_output_tokens)
         if need > cap:
             name = g.ref.sample_id if g.ref is not None else g.episodes[0].script.name
-            msg = f"{name}: may need {need} KV slots, rl.max_context gives {cap}: raise it"
+            msg = f"{name}: may need {need} KV slots, {context_key} gives {cap}: raise it"
             log.warning("dropping group %s", msg)
             dropped.append(msg)
             continue
         for e in g.episodes:
             sessions.append(e)
             owner[e.name] = gi
-    outputs, turns = serve(engine, sessions)
+    outputs, turns = serve(engine, sessions, on_finish)
     episodes = []
     for e in sessions:
         gi = owner[e.name]

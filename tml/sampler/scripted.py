@@ -55,9 +55,11 @@ def user_side(session) -> UserSide:
     return make() if make is not None else Replay(list(session.inputs))
 
 
-def serve(engine: Engine, sessions: list) -> tuple[dict[str, list[TurnOutput]], dict[str, list], dict[str, int]]:
+def serve(engine: Engine, sessions: list, on_finish=None
+          ) -> tuple[dict[str, list[TurnOutput]], dict[str, list], dict[str, int]]:
     """Feed every session one micro-turn per tick (module docstring) → per session name:
-    engine outputs, committed turns, KV length."""
+    engine outputs, committed turns, KV length. ``on_finish(name)`` is called as each
+    session ends (e.g. a progress bar)."""
     waiting = list(sessions)
     live: dict[int, tuple[object, UserSide]] = {}   # sid -> (session, its user)
     outputs, turns, lengths = {}, {}, {}
@@ -77,6 +79,8 @@ def serve(engine: Engine, sessions: list) -> tuple[dict[str, list[TurnOutput]], 
                     engine.length(sid)
                 engine.close(sid)
                 del live[sid]
+                if on_finish is not None:
+                    on_finish(s.name)
             else:
                 engine.append(sid, x)
     return outputs, turns, lengths
