@@ -13,7 +13,9 @@ next episode going on from the next conversation. The user reacts as in ``tml rl
 ``eval.user_reacts=false``): stops when talked over for two micro-turns, asks an ignored
 question again. The episodes are served in the policy's engine
 (:func:`tml.rl.rollout.play`, ``eval.batch_size`` live) and scored by the same scorers on
-the reference of what each user actually said; each sample also gets a
+the reference of what each user actually said (above ``eval.temperature=0`` an episode
+samples from :func:`tml.rl.episodes.episode_seed` of ``eval.seed`` and its script's
+name, so a run is reproducible); each sample also gets a
 ``user_reactions`` row (how often the user stopped or repeated, per minute).
 
 Needs a model (``eval.policy=model | untrained``): the user's next input depends on the
