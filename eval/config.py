@@ -32,7 +32,7 @@ class EvalConfig:
     # reacting to the model (tml.eval.long_episodes; policy=model | untrained)
     episode_seconds: float = 0.0
     user_reacts: bool = True               # long episodes: stop when talked over, ask an ignored question again
-    max_context: int = 0                   # KV slots per session; 0 = 4096, or what the longest long episode needs
+    max_context: int = 0                   # KV slots per session; 0 = 4096, or what the longest long episode may need
     batch_size: int = 8                    # sessions live at once (policy=model: per engine tick)
     # policy=model / untrained: the sampler (tml.eval.policies.ModelSampling). temperature 0 =
     # greedy (reproducible); above 0 each sample draws counter-based from its seed (eval.seed ^ index)

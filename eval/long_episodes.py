@@ -20,7 +20,9 @@ name, so a run is reproducible); each sample also gets a
 
 Needs a model (``eval.policy=model | untrained``): the user's next input depends on the
 model's last output, which scripted policies do not serve. ``eval.max_context=0``: the
-engine holds the longest episode's KV need (:func:`tml.rl.rollout.kv_needed`).
+engine holds the longest episode's KV need (:func:`tml.rl.rollout.kv_needed`, an upper
+bound: every micro-turn's whole output budget, every question repeated), recorded as
+``seeds["max_context"]``.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def run_long(cfg: EvalConfig, policy, groups: list, errors: list[dict], names: l
                         "micro_turns": len(ep.turns), "tasks": rows})
     seeds = {"seed": cfg.seed, "index_offset": HELD_OUT_INDEX_OFFSET, "scenarios": names,
              "episode_seconds": cfg.episode_seconds, "user_reacts": cfg.user_reacts,
-             "first_indices": [HELD_OUT_INDEX_OFFSET + g.index for g in groups]}
+             "first_indices": [HELD_OUT_INDEX_OFFSET + g.index for g in groups],
+             "max_context": engine.pool.max_pages * engine.pool.page_size}
     return samples, errors, seeds
 
 

@@ -341,7 +341,7 @@ def run(cfg: EvalConfig, policy: Policy | None = None, *, quiet: bool = False, m
             groups, long_errors = long_episodes.groups_for(cfg, names)
             need = long_episodes.context_needed(groups, cfg.max_output_tokens)
             long = (groups, long_errors, names)
-            policy = policy or make_policy(cfg, model_cfg, seed, max_context=cfg.max_context or max(need, 4096))
+            policy = policy or make_policy(cfg, model_cfg, seed, max_context=cfg.max_context or need)
         policy = policy or make_policy(cfg, model_cfg, seed)
         loaded = getattr(policy, "loaded", None)
         if loaded is not None:

@@ -47,6 +47,10 @@ def test_long_episodes_are_held_out_conversations_back_to_back_for_the_duration(
     assert first[0] == HELD_OUT_INDEX_OFFSET and first[1] >= first[0] + samples[0]["conversations"]
     assert all(HELD_OUT_INDEX_OFFSET <= i < RL_INDEX_OFFSET for i in first)
     assert result["timing"]["micro_turns"] == sum(s["micro_turns"] for s in samples)
+    # the engine was sized by the longest episode's bound (whole pages), which it fitted
+    groups, _ = groups_for(long_cfg(tmp), ["mid_pause"])
+    need = context_needed(groups, 6)
+    assert need <= saved["seeds"]["max_context"] < need + 64
 
 
 def test_each_long_episode_is_scored_by_its_scenarios_scorer_and_counts_reactions(long_run):
