@@ -16,6 +16,13 @@ class ModelConfig:
     ``sliding_every``-th layer is full attention and the others sliding (all full when
     ``sliding_window == 0``); the first ``n_dense_layers`` layers dense and the rest MoE
     (all dense when ``n_experts == 0``).
+
+    How full rows are computed (the parameters and the bits do not change, see
+    :meth:`tml.model.model.InteractionModel.__call__`): ``scan_layers`` runs each stretch of
+    consecutive layers of the same MLP type as one ``lax.scan`` over their stacked
+    parameters, so a 48-layer model compiles like a 2-layer one (MaxText's
+    ``scan_layers``); ``remat`` recomputes each layer's activations in the backward pass
+    (``jax.checkpoint`` per block), so a step keeps one hidden state per layer.
     """
 
     name: str = "tiny"
@@ -51,6 +58,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "auto"                  # compute dtype: auto | float32 | bfloat16
     param_dtype: str = "float32"
+    # how full rows are computed (not what): see the class docstring
+    scan_layers: bool = False
+    remat: bool = False
 
     def compute_dtype(self):
         """The activation dtype: ``dtype``, where ``"auto"`` is bfloat16 on GPU/TPU (matmul

@@ -106,6 +106,7 @@ class Attention(nnx.Module):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.n_heads, self.n_kv, self.head_dim, self.theta = h, kv, hd, cfg.rope_theta
         self.window = cfg.sliding_window if sliding else None
+        self.sliding_window = cfg.sliding_window
         kw = dict(rngs=rngs, init_std=cfg.init_std, param_dtype=param_dtype)
         self.wq = Linear(d, h * hd, ("embed", "q_heads"), **kw)
         self.wk = Linear(d, kv * hd, ("embed", "kv_heads"), **kw)
@@ -122,14 +123,22 @@ class Attention(nnx.Module):
         return rotary(k, positions, self.theta), v
 
     def __call__(self, x: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array,
-                 mask: AttentionMask) -> jax.Array:
+                 mask: AttentionMask, sliding: jax.Array | None = None) -> jax.Array:
         """x [B, T, d] queries at RoPE positions [B, T]; k, v the keys they may see (the
         row itself or a cache: [B, Tk, Hkv, hd], or a paged cache's pools), ``mask`` which
-        ones (and the attention call, ``mask.attend``) → [B, T, d]."""
+        ones (and the attention call, ``mask.attend``) → [B, T, d].
+
+        ``sliding`` (a traced bool, for a layer scan over sliding and full layers) chooses
+        the window at run time, ``lax.cond`` between the two static attention programs;
+        None: this layer's own window."""
         B, T, _ = x.shape
         q = self.q_norm(self.wq(x).reshape(B, T, self.n_heads, self.head_dim))
         q = rotary(q, positions, self.theta)
-        o = mask.attend(q, k, v, self.window)
+        if sliding is None:
+            o = mask.attend(q, k, v, self.window)
+        else:
+            o = jax.lax.cond(sliding, lambda: mask.attend(q, k, v, self.sliding_window),
+                             lambda: mask.attend(q, k, v, None))
         return self.wo(o.reshape(B, T, self.n_heads * self.head_dim))
 
 

@@ -71,15 +71,16 @@ class Block(nnx.Module):
                     SwiGLU(cfg.d_model, cfg.d_ff, rngs=rngs, init_std=cfg.init_std, param_dtype=param_dtype))
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, valid: jax.Array,
-                 kv: LayerKV | PagedLayerKV | None = None) -> BlockOut:
+                 kv: LayerKV | PagedLayerKV | None = None, sliding: jax.Array | None = None) -> BlockOut:
         """Pre-norm attention and MLP/MoE, each with a residual. x [B, T, d]; positions
         [B, T] (RoPE); valid [B, T] the real tokens (MoE load); kv: this layer's cache,
-        the chunk's keys are written into it and attention reads it (None: the row's own)."""
+        the chunk's keys are written into it and attention reads it (None: the row's own);
+        sliding: the window chosen at run time (a layer scan, :meth:`Attention.__call__`)."""
         hn = self.attn_norm(x)
         k, v = self.attn.project_kv(hn, positions)
         if kv is not None:
             k, v = kv.write(k, v)
-        x = x + self.attn(hn, positions, k, v, mask)
+        x = x + self.attn(hn, positions, k, v, mask, sliding)
         hn = self.mlp_norm(x)
         if self.is_moe:
             y, load = self.mlp(hn, valid)
@@ -163,6 +164,10 @@ class InteractionModel(nnx.Module):
             n_new = jnp.full((B,), T, jnp.int32) if n_new is None else n_new.astype(jnp.int32)
             mask = cache.attention_mask(n_new, T)
             valid = jnp.arange(T)[None] < n_new[:, None]
+        if cache is None and (self.cfg.scan_layers or self.cfg.remat):
+            x, loads = self.rows_through_blocks(x, batch["positions"], mask, valid)
+            expert_load = jnp.stack(loads) if loads else jnp.zeros((0, max(self.cfg.n_experts, 1)), jnp.float32)
+            return self.heads(x, expert_load, None)
         ks, vs, loads = [], [], []
         for i, block in enumerate(self.blocks):
             out = block(x, batch["positions"], mask, valid, None if cache is None else cache.layer(i, n_new))
@@ -173,3 +178,51 @@ class InteractionModel(nnx.Module):
                 loads.append(out.expert_load)
         expert_load = jnp.stack(loads) if loads else jnp.zeros((0, max(self.cfg.n_experts, 1)), jnp.float32)
         return self.heads(x, expert_load, None if cache is None else cache.appended(ks, vs, n_new))
+
+    def rows_through_blocks(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
+                            valid: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
+        """Full rows x [B, T, d] through every block as ``cfg.scan_layers`` / ``cfg.remat``
+        ask → (x [B, T, d], the MoE layers' expert loads [E], in layer order).
+
+        ``scan_layers``: each stretch of two or more consecutive blocks with the same MLP
+        type (the same parameter tree) is one ``lax.scan`` whose body is one block, over
+        the blocks' parameters stacked at trace time (the checkpoint layout is unchanged;
+        the stack is one extra copy of those parameters in the step); where the stretch
+        mixes sliding and full layers the body picks the window per layer
+        (:meth:`Attention.__call__`'s ``sliding``). ``remat``: each block (the scan body)
+        under ``jax.checkpoint``, so the backward pass keeps only each block's input.
+        The arithmetic is the unrolled loop's
+        (``tests/model/test_scan_layers.py`` checks the raw bits)."""
+        blocks, loads, i = list(self.blocks), [], 0
+        while i < len(blocks):
+            j = i + 1
+            while self.cfg.scan_layers and j < len(blocks) and blocks[j].is_moe == blocks[i].is_moe:
+                j += 1
+            x, stretch_loads = _run_blocks(blocks[i:j], x, positions, mask, valid, self.cfg.remat)
+            loads += stretch_loads
+            i = j
+        return x, loads
+
+
+def _run_blocks(blocks: list[Block], x: jax.Array, positions: jax.Array, mask: AttentionMask,
+                valid: jax.Array, remat: bool) -> tuple[jax.Array, list[jax.Array]]:
+    """Consecutive blocks with one parameter tree: one block called (under
+    ``jax.checkpoint`` if ``remat``), or several as one ``lax.scan`` → (x, their expert
+    loads [E] each, none for dense blocks)."""
+    graphdef = nnx.graphdef(blocks[0])
+
+    def body(h, xs):
+        state, sliding = xs
+        out = nnx.merge(graphdef, state)(h, positions, mask, valid, sliding=sliding)
+        return out.x, out.expert_load
+
+    if remat:
+        body = jax.checkpoint(body)
+    if len(blocks) == 1:
+        x, load = body(x, (nnx.state(blocks[0]), None))
+        return x, [] if load is None else [load]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[nnx.state(b) for b in blocks])
+    mixed = len({b.attn.window for b in blocks}) > 1
+    sliding = jnp.asarray([b.attn.window is not None for b in blocks]) if mixed else None
+    x, load = jax.lax.scan(body, x, (stacked, sliding))
+    return x, [] if load is None else list(load)

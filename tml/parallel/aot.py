@@ -356,7 +356,7 @@ def compile_plan(cfg, devices, *, platform: str, impl: str = "reference", expert
                   "micro_batches": tc.micro_batches, "kernel_mode": tc.kernel_mode, "impl": impl},
         "expert_parallel": ({"capacity_factor": capacity_factor} if moe and expert_parallel else None),
         "loss_chunk": loss_chunk,
-        "layers": cfg.model.n_layers,
+        "layers": cfg.model.n_layers, "scan_layers": cfg.model.scan_layers, "remat": cfg.model.remat,
         "parameters": {"count": int(n_params), "bytes_total": int(total_params), "bytes_per_device": per_params},
         "optimizer": {"bytes_per_device": _shard_bytes(opt_state, o_sh)},
         "fits": all("error" not in p for p in programs.values()),
@@ -458,6 +458,9 @@ def format_table(plan: dict) -> str:
         head += f"; MoE expert-parallel ({'dropless' if cf is None else f'capacity factor {cf:g}'})"
     if plan.get("loss_chunk"):
         head += f"; text loss in chunks of {plan['loss_chunk']} positions"
+    how = [w for w, on in (("layers scanned", plan.get("scan_layers")), ("blocks rematerialised", plan.get("remat")))
+           if on]
+    head += f"; {plan['layers']} layers" + (f" ({', '.join(how)})" if how else "")
     if plan.get("stand_in"):
         head += f"\n(stand-in: {plan['stand_in']})"
     lines = [head, "", "| per device | gradients program | update program |", "|---|---|---|"]
