@@ -11,8 +11,8 @@ from flax import nnx
 
 from tests.model.tiny_model import CFG, make_batch
 from tml import kernels
-from tml.model.loss import losses
 from tml.model.kv_cache import KVCache
+from tml.model.loss import losses
 from tml.model.model import InteractionModel
 
 # three stretches: a lone dense block; two MoE blocks, sliding then full (the scan body
