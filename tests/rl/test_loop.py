@@ -54,8 +54,7 @@ def test_weights_move_and_the_push_compiles_nothing(aligned):
         assert r["engine/compiled_programs_after_push"] == r["engine/compiled_programs"]
         assert r["time/push_s"] >= 0
     assert records[0]["engine/compiled_programs"] == records[1]["engine/compiled_programs"]
-    before, after = params_of(run_dir, 2), params_of(run_dir, 2)
-    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    after = params_of(run_dir, 2)
     from tml.eval.checkpoint import load_model
     from flax import nnx
 
