@@ -93,11 +93,16 @@ def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: 
     gradient ``x.T @ dy`` sums over every row of the batch, 8,192 chunks for 4M rows) run
     as a ``fori_loop`` over the chunks (:func:`_looped_chunks`), the same per-chunk GEMMs
     added in the same order, bitwise equal (``tests/kernels/test_matmul_long_k.py``); unrolled,
-    the trace and the HLO grow with the row count.
+    the trace and the HLO grow with the row count. So do 2-D products whose chunk-batched
+    GEMM would hold more than :data:`CHUNK_PRODUCTS_BYTES` of chunk products at once (a
+    vocabulary head: 8 chunks of [4096, 201024] float32 are 24.5 GiB a TPU chip; the loop
+    keeps one accumulator).
     """
     x, w = upcast(x), upcast(w)
     K = x.shape[-1]
-    if K // k_chunk > UNROLLED_CHUNKS:
+    n_full = K // k_chunk
+    products = n_full * x.shape[-2] * w.shape[-1] * 4  # the chunk-batched GEMM's float32 output
+    if n_full > UNROLLED_CHUNKS or (not batched and n_full >= 2 and products > CHUNK_PRODUCTS_BYTES):
         return _looped_chunks(x, w, k_chunk, batched=batched)
     parts = []
     if not batched and K >= 2 * k_chunk:
@@ -128,6 +133,8 @@ def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: 
 # Whole K chunks up to which chunked_dot writes one GEMM per chunk into the program; above
 # it, one GEMM in a loop body (trace and HLO size then independent of the contraction).
 UNROLLED_CHUNKS = 16
+# Bytes of float32 chunk products the 2-D chunk-batched GEMM may hold at once; above, the loop.
+CHUNK_PRODUCTS_BYTES = 1 << 30
 
 
 def _looped_chunks(x: jax.Array, w: jax.Array, k_chunk: int, *, batched: bool) -> jax.Array:

@@ -70,3 +70,19 @@ def test_weight_gradient_over_many_rows_is_the_unrolled_bits(monkeypatch, rng):
     assert_bits_equal(dw, dw_u, "dw")
     assert_bits_equal(dx, dx_u, "dx")
     assert not bits_equal(dw, grad_fn(x, w, "standard")[1])
+
+
+def test_large_chunk_products_loop_with_the_batched_gemm_bits(monkeypatch):
+    """A 2-D product whose chunk-batched GEMM would hold more than CHUNK_PRODUCTS_BYTES
+    (a vocabulary head on a TPU chip) runs the loop, with the same bits."""
+    from tml.kernels import tiled_matmul
+    from tml.kernels.tiled_matmul import chunked_dot
+
+    x, w = _operands(5, 64, 4 * 512 + 100, 64, "bfloat16")
+    batched_gemm = jax.jit(chunked_dot)(x, w)
+    assert "while" not in jax.jit(chunked_dot).lower(x, w).as_text()
+    with monkeypatch.context() as m:
+        m.setattr(tiled_matmul, "CHUNK_PRODUCTS_BYTES", 4 * 64 * 64 * 4 - 1)
+        looped = jax.jit(lambda a, b: chunked_dot(a, b))  # a new function: traced under the patch
+        assert "while" in looped.lower(x, w).as_text()
+        assert_bits_equal(looped(x, w), batched_gemm, "looped for its size")

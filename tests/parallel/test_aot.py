@@ -17,6 +17,7 @@ SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.n_kv_
          "parallel.mesh.data=1", "parallel.mesh.fsdp=2", "parallel.mesh.expert=2",
          "train.batch_size=4", "loader.row_length=128", "loader.max_patches_per_row=4"]
 ROWS = ["parameters / device", "optimizer state / device", "arguments", "outputs", "temporaries (activations)",
+        "peak device memory (compiler)",
         *(f"{k} bytes / step (ops run)" for k in aot.COLLECTIVES), "compile time (trace + lower + compile)"]
 
 
@@ -62,6 +63,8 @@ def test_plan_on_a_tpu_v5e_2x2_topology(tmp_path, how):
     plan, table = _plan(tmp_path, *how)
     assert plan["platform"] == "tpu" and "TPU" in plan["device_kind"]
     _check(plan, table)
+    for prog in plan["programs"].values():  # the TPU compiler's own peak: arguments and outputs are in it
+        assert prog["memory"]["peak"] >= prog["memory"]["arguments"] > 0
 
 
 def test_collective_bytes_reads_operand_sizes():

@@ -26,6 +26,11 @@ the gradient on every chip; and the MoE layers run expert-parallel
 leaves them to GSPMD), which ``tml train`` does not enter yet. ``--loss-chunk N``
 computes the text loss N positions at a time (:func:`tml.model.loss.chunked_text_logprobs`).
 
+The model's ``scan_layers`` / ``remat`` (``model.scan_layers=true model.remat=true``, on
+in ``+experiment=tml_interaction_small_tpu``) decide what a 48-layer step costs to compile
+and to hold: scanned, the 47 MoE layers are one loop body compiled once; rematerialised,
+the backward pass keeps one hidden state per layer instead of every block's activations.
+
 ``impl`` (``--impl``, default ``reference``): the batch-invariant kernels' jnp algorithm,
 lowered by XLA for TPU. ``--impl pallas`` fails on any mesh with more than one device:
 "Mosaic kernels cannot be automatically partitioned. Please wrap the call in a
@@ -290,7 +295,7 @@ def _memory(compiled) -> dict[str, int]:
     m = compiled.memory_analysis()
     return {"arguments": int(m.argument_size_in_bytes), "outputs": int(m.output_size_in_bytes),
             "aliased": int(m.alias_size_in_bytes), "temporaries": int(m.temp_size_in_bytes),
-            "code": int(m.generated_code_size_in_bytes)}
+            "code": int(m.generated_code_size_in_bytes), "peak": int(getattr(m, "peak_memory_in_bytes", 0) or 0)}
 
 
 def compile_plan(cfg, devices, *, platform: str, impl: str = "reference", expert_parallel: bool = True,
@@ -381,7 +386,7 @@ def _program(jitted, *args) -> dict:
         m = _OUT_OF_MEMORY.search(msg)
         need = float(m.group(1)) * 1024 ** "_KMGT".index(m.group(2) or "_") if m else None
         return {"error": msg.strip().splitlines()[0][:400], "seconds": seconds,
-                "temporaries_required": need}
+                "temporaries_required": need, "compiler_message": msg[:20000]}
     return {"memory": _memory(compiled), "collectives": collective_bytes(compiled.as_text()), "seconds": seconds}
 
 
@@ -431,6 +436,8 @@ def table_rows(plan: dict) -> list[tuple[str, str, str]]:
     for key in ("arguments", "outputs", "temporaries"):
         label = "temporaries (activations)" if key == "temporaries" else key
         rows.append((label, _gib(g["memory"][key]), _gib(u["memory"][key])))
+    peak = lambda p: _gib(p["memory"]["peak"]) if p["memory"].get("peak") else "not reported"  # noqa: E731
+    rows.append(("peak device memory (compiler)", peak(g), peak(u)))
     for kind in COLLECTIVES:
         a, b = g["collectives"][kind], u["collectives"][kind]
         rows.append((f"{kind} bytes / step (ops run)", f"{_gib(a['step_bytes'])} ({a['step_count']:,})",
