@@ -346,6 +346,26 @@ def test_checkpoint_from_another_model_config_is_refused(tmp_path):
     assert config_fingerprint(TOY_CONFIG) != config_fingerprint(other)
 
 
+def test_scanned_or_rematerialised_layers_restore_the_same_checkpoint(tmp_path):
+    """model.scan_layers / model.remat change how rows are computed, not the parameters: a
+    checkpoint written without them (or before they existed) restores with them."""
+    import dataclasses
+
+    from tml.model.config import ModelConfig
+
+    plain = dataclasses.asdict(ModelConfig())
+    before = {k: v for k, v in plain.items() if k not in ("scan_layers", "remat")}  # an older checkpoint's
+    model, opt, key = _trained(1)
+    with Checkpointer(tmp_path, model_config=before) as ck:
+        _save(ck, 1, model, opt, key, wait=True)
+    abstract_model, _ = _abstract_toy()
+    with Checkpointer(tmp_path, model_config=ModelConfig(scan_layers=True, remat=True)) as ck:
+        assert ck.restore(model=abstract_model) is not None
+    with Checkpointer(tmp_path, model_config={**plain, "d_model": 256}) as ck:
+        with pytest.raises(CheckpointConfigMismatchError, match="d_model"):
+            ck.restore(model=abstract_model)
+
+
 def test_structure_mismatch_names_the_arrays(tmp_path):
     with Checkpointer(tmp_path) as ck:
         ck.save(1, model={"a": jnp.zeros(3), "b": jnp.zeros(2)}, wait=True)

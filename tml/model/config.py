@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from tml.text import ByteTokenizer
 
 
+# ModelConfig fields that say how full rows are computed, not what is computed: the
+# parameters and the bits do not depend on them, so checkpoints do not either
+# (tml.train.checkpoint leaves them out of a checkpoint's model-config fingerprint).
+COMPUTE_LAYOUT_FIELDS = ("scan_layers", "remat")
+
+
 @dataclass
 class ModelConfig:
     """Sizes of the co-trained interaction model.
