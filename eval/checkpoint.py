@@ -84,7 +84,7 @@ def _recipe_with(saved: dict) -> str | None:
 
     import tml.recipes
     from tml.model.config import ModelConfig
-    from tml.train.checkpoint import config_to_dict
+    from tml.train.checkpoint.fingerprint import checkpointed_model_config
 
     for f in sorted((Path(tml.recipes.__file__).parent / "model").glob("*.yaml")):
         raw = OmegaConf.load(f)
@@ -93,7 +93,7 @@ def _recipe_with(saved: dict) -> str | None:
             mc = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), raw))
         except Exception:  # noqa: BLE001 -- a recipe that does not compose is no suggestion
             continue
-        if config_to_dict(mc) == saved:
+        if checkpointed_model_config(mc) == saved:
             return f.stem
     return None
 
@@ -101,14 +101,15 @@ def _recipe_with(saved: dict) -> str | None:
 def check_model_config(ckpt_dir: Path, step: int, meta: dict, model_cfg) -> None:
     """Refuse a checkpoint whose ``meta.model_config`` differs from ``model_cfg``
     (module docstring); return silently when they agree."""
-    from tml.train.checkpoint import config_diff, config_to_dict, flatten_config
+    from tml.train.checkpoint import config_diff, flatten_config
+    from tml.train.checkpoint.fingerprint import checkpointed_model_config
 
-    saved = meta.get("model_config", {})
-    diff = config_diff(flatten_config(saved), flatten_config(model_cfg))
+    saved = checkpointed_model_config(meta.get("model_config", {}))
+    diff = config_diff(flatten_config(saved), flatten_config(checkpointed_model_config(model_cfg)))
     if not diff:
         return
     lines = [f"  {k}: checkpoint {a!r}, current {b!r}" for k, a, b in diff]
-    recipe = _recipe_with(config_to_dict(saved))
+    recipe = _recipe_with(saved)
     if recipe is not None:
         fix = f"pass model={recipe} (the model recipe with the checkpoint's config)"
     else:

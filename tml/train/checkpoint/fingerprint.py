@@ -35,6 +35,16 @@ def config_to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(cfg, sort_keys=True, default=repr))
 
 
+def checkpointed_model_config(cfg: Any) -> dict:
+    """The part of a model config a checkpoint depends on: :func:`config_to_dict` without
+    the fields that only say how rows are computed
+    (:data:`tml.model.config.COMPUTE_LAYOUT_FIELDS`: ``scan_layers``, ``remat``), so
+    checkpoints written before they existed, or with them toggled, still match."""
+    from tml.model.config import COMPUTE_LAYOUT_FIELDS
+
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in COMPUTE_LAYOUT_FIELDS}
+
+
 def flatten_config(cfg: Any) -> dict[str, Any]:
     """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists are leaves)."""
 

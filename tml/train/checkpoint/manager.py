@@ -42,8 +42,11 @@ from tml.train.checkpoint.errors import (
     no_step_message,
     save_failed_message,
 )
-from tml.model.config import COMPUTE_LAYOUT_FIELDS
-from tml.train.checkpoint.fingerprint import config_fingerprint, config_to_dict, mismatch_message
+from tml.train.checkpoint.fingerprint import (
+    checkpointed_model_config,
+    config_fingerprint,
+    mismatch_message,
+)
 from tml.train.checkpoint.gather import gather_json, jsonable_state
 from tml.train.checkpoint.retention import retention_options
 from tml.train.checkpoint.storable import (
@@ -100,9 +103,7 @@ class Checkpointer:
         if read_only and not self.directory.is_dir():
             raise NoCheckpointError(f"no checkpoint directory {self.directory} to read: pass the checkpoints "
                                     "directory a training run wrote (its checkpoint.dir)")
-        # how full rows are computed (scan_layers, remat) is not part of what a checkpoint holds
-        self.model_config = {k: v for k, v in config_to_dict(model_config).items()
-                             if k not in COMPUTE_LAYOUT_FIELDS}
+        self.model_config = checkpointed_model_config(model_config)
         self.fingerprint = config_fingerprint(self.model_config)
         self.best_metric, self.best_mode = best_metric, best_mode
         self.keep_last, self.keep_best = keep_last, keep_best
