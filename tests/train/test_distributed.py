@@ -3,6 +3,7 @@ processes on 127.0.0.1 (explicit flags and SLURM auto-detection)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import random
@@ -31,6 +32,17 @@ def test_plan_single_process_is_a_no_op():
     # TPU variables without libtpu (e.g. a CPU container) do not count
     assert plan_distributed(DistributedConfig(), {"TPU_WORKER_ID": "0"}, has_libtpu=False).source == "single"
     assert plan_distributed(DistributedConfig(mode="off"), SLURM_2, has_libtpu=True).source == "single"
+    # libtpu's placeholders (what it writes into the environment when it starts on a host
+    # that is not a TPU VM, and what every child process then inherits) do not count
+    placeholders = {
+        "TPU_WORKER_ID": "WARNING: could not determine TPU worker number, please set env var "
+                         "`TPU_WORKER_ID` manually, otherwise libtpu.so may not properly initialize.",
+        "TPU_ACCELERATOR_TYPE": "WARNING: could not determine TPU accelerator type, please set env "
+                                "var `TPU_ACCELERATOR_TYPE` manually",
+        "TPU_WORKER_HOSTNAMES": ""}
+    assert plan_distributed(DistributedConfig(), placeholders, has_libtpu=True).source == "single"
+    assert plan_distributed(DistributedConfig(), {**placeholders, "TPU_WORKER_ID": "0"},
+                            has_libtpu=True).source == "tpu"
     assert init_distributed(DistributedConfig(mode="off")).process_count == 1
 
 
@@ -125,3 +137,24 @@ def test_two_processes_slurm_auto_detection(tmp_path):
     outs = _run_pair(tmp_path, [{**slurm, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)}
                                 for i in range(2)])
     _check_pair(outs, "slurm")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None and os.environ.get("CI") != "true",
+                    reason="libtpu not installed (pip install 'tml[tpu-aot]'); CI installs it")
+def test_a_child_of_a_jax_process_with_libtpu_starts_as_one_process():
+    """With libtpu installed, a process that starts JAX on a host that is not a TPU VM gets
+    libtpu's placeholders in its C environment (``TPU_WORKER_ID=WARNING: could not ...``);
+    a ``tml`` command it launches (``tml.train.bench``'s memory run, a notebook's
+    subprocess) inherits them and must still start as one process."""
+    assert importlib.util.find_spec("libtpu") is not None, "CI=true: .ci/run installs tml[tpu-aot]"
+    child = ("from tml.train.distributed import init_distributed; import os; "
+             "print('RESULT', init_distributed().source, os.environ.get('TPU_WORKER_ID', '')[:7])")
+    parent = ("import jax, subprocess, sys; jax.devices(); "
+              f"sys.exit(subprocess.run([sys.executable, '-c', {child!r}]).returncode)")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JAX_PLATFORMS", "XLA_FLAGS") and not k.startswith(("TPU_", "CLOUD_TPU_"))}
+    env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # this pytest process may hold libtpu's lock
+    res = subprocess.run([sys.executable, "-c", parent], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "RESULT single WARNING" in res.stdout, res.stdout  # the placeholder was inherited

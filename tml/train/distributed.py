@@ -15,7 +15,10 @@ How the processes find each other (``DistributedConfig.mode``):
   3. on a Cloud TPU VM (``libtpu`` installed and a TPU worker environment:
      ``TPU_WORKER_HOSTNAMES`` / ``TPU_WORKER_ID`` / ``MEGASCALE_COORDINATOR_ADDRESS`` /
      ``TPU_PROCESS_ADDRESSES``, or ``TPU_ACCELERATOR_TYPE``) → **tpu**: JAX auto-detects
-     everything (from the TPU environment and the VM's metadata server);
+     everything (from the TPU environment and the VM's metadata server). A variable that
+     holds libtpu's own placeholder ("WARNING: could not determine ...", which libtpu writes
+     into the process environment when it starts on a machine that is not a TPU VM, and
+     which every child process inherits) does not count;
   4. otherwise → **single**: nothing to do (one process, no coordinator).
 
 * ``"explicit"``: ``coordinator_address`` ("host:port" of process 0), ``num_processes`` and
@@ -67,6 +70,14 @@ def _has_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+def _tpu_worker_vars(env: Mapping[str, str]) -> list[str]:
+    """The TPU worker variables ``env`` really sets: not empty, and not libtpu's
+    placeholder (on a host that is not a TPU VM, a process that started JAX with libtpu
+    installed has ``TPU_WORKER_ID`` etc. set to "WARNING: could not determine ...")."""
+    return [v for v in _TPU_WORKER_VARS
+            if env.get(v, "").strip() and not env[v].lstrip().upper().startswith("WARNING")]
+
+
 def _slurm_tasks(env: Mapping[str, str]) -> int | None:
     if not all(v in env for v in _SLURM_VARS):
         return None
@@ -88,8 +99,7 @@ def plan_distributed(cfg: DistributedConfig, environ: Mapping[str, str] | None =
 
     mode = cfg.mode
     if mode == "auto":
-        tpu = (_has_libtpu() if has_libtpu is None else has_libtpu) and any(
-            v in env for v in _TPU_WORKER_VARS)
+        tpu = bool(_tpu_worker_vars(env)) and (_has_libtpu() if has_libtpu is None else has_libtpu)
         if cfg.coordinator_address:
             mode = "explicit"
         elif (_slurm_tasks(env) or 0) > 1:
@@ -130,7 +140,8 @@ def plan_distributed(cfg: DistributedConfig, environ: Mapping[str, str] | None =
         return DistributedPlan("slurm", {"cluster_detection_method": "slurm", **common},
                                reason=f"SLURM step with {n} tasks")
     # tpu: let JAX detect GKE or GCE TPU clusters itself
-    return DistributedPlan("tpu", dict(common), reason="Cloud TPU VM worker environment")
+    return DistributedPlan("tpu", dict(common), reason="Cloud TPU VM worker environment ("
+                           + (", ".join(_tpu_worker_vars(env)) or "forced by distributed.mode=tpu") + ")")
 
 
 def init_distributed(cfg: DistributedConfig | None = None) -> DistributedInfo:
