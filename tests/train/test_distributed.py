@@ -154,7 +154,7 @@ def test_a_child_of_a_jax_process_with_libtpu_starts_as_one_process():
     env = {k: v for k, v in os.environ.items()
            if k not in ("JAX_PLATFORMS", "XLA_FLAGS") and not k.startswith(("TPU_", "CLOUD_TPU_"))}
     env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"  # this pytest process may hold libtpu's lock
-    res = subprocess.run([sys.executable, "-c", parent], cwd=REPO, env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-c", parent], check=False, cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "RESULT single WARNING" in res.stdout, res.stdout  # the placeholder was inherited
