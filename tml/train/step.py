@@ -84,6 +84,12 @@ def tree_accumulate(fn: Callable, xs, *, mode: str | None = None):
         return jax.lax.scan(seq, zeros, xs)
 
     n = jax.tree.leaves(xs)[0].shape[0]
+    if n == 1:
+        # the scan below with one element stores ``rounded(g)`` in level 0 and returns
+        # it: the same bits without the loop, its zero-filled gradient-sized carry and the
+        # selects over every parameter (~10% of a one-micro-batch step on CPU)
+        g, aux = fn(jax.tree.map(lambda v: v[0], xs))
+        return jax.tree.map(kernels.rounded, g), jax.tree.map(lambda a: a[None], aux)
     levels = max(n.bit_length(), 1)
 
     def body(carry, x):
