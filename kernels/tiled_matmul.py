@@ -72,11 +72,16 @@ def gemv_matches_gemm(n_cols: int, k_chunk: int) -> bool:
     return n_cols % GEMV_COLS_MULTIPLE == 0 and k_chunk <= 512
 
 
-def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: bool = False) -> jax.Array:
+def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: bool = False,
+                w_transposed: bool = False) -> jax.Array:
     """``x @ w`` with the contraction in canonical chunks, float32 result; no row padding.
 
     x [M, K] @ w [K, N] -> [M, N], or with ``batched=True`` x [B, M, K] @ w [B, K, N]
-    -> [B, M, N]. The contraction is cut into chunks of ``k_chunk`` (the last one
+    -> [B, M, N]. ``w_transposed``: w is given as [N, K] (2-D only) and the product is
+    ``x @ w.T``, each chunk GEMM contracting w's last axis in place — the input gradient
+    ``dy @ w.T`` without first copying the transposed weight (a [5120, 4800] hMLP weight's
+    transpose copy took 7% of a ``small`` train step on CPU); the same chunks, the same
+    bits (``tests/kernels/test_matmul_long_k.py``). The contraction is cut into chunks of ``k_chunk`` (the last one
     shorter), each chunk product is one float32 GEMM at HIGHEST precision, and the chunk
     products are added left to right. bf16 operands are upcast (exact).
 
@@ -99,17 +104,21 @@ def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: 
     keeps one accumulator).
     """
     x, w = upcast(x), upcast(w)
+    if w_transposed and batched:
+        raise ValueError("chunked_dot: w_transposed is for the 2-D product")
     K = x.shape[-1]
+    N = w.shape[0] if w_transposed else w.shape[-1]
     n_full = K // k_chunk
-    products = n_full * x.shape[-2] * w.shape[-1] * 4  # the chunk-batched GEMM's float32 output
+    products = n_full * x.shape[-2] * N * 4  # the chunk-batched GEMM's float32 output
     if n_full > UNROLLED_CHUNKS or (not batched and n_full >= 2 and products > CHUNK_PRODUCTS_BYTES):
-        return _looped_chunks(x, w, k_chunk, batched=batched)
+        return _looped_chunks(x, w, k_chunk, batched=batched, w_transposed=w_transposed)
     parts = []
-    if not batched and K >= 2 * k_chunk:
+    if not batched and not w_transposed and K >= 2 * k_chunk:
+        # (a transposed w keeps one 2-D GEMM per chunk: batched, XLA:CPU copies w to [C, kc, N])
         n_full = K // k_chunk
         kf = n_full * k_chunk
         xb = x[:, :kf].reshape(x.shape[0], n_full, k_chunk).transpose(1, 0, 2)  # [C, Mp, kc]
-        wb = w[:kf].reshape(n_full, k_chunk, w.shape[1])  # [C, kc, N]
+        wb = w[:kf].reshape(n_full, k_chunk, N)  # [C, kc, N]
         pb = lax.dot_general(
             xb, wb, (((2,), (1,)), ((0,), (0,))), precision=_HIGHEST, preferred_element_type=jnp.float32
         )
@@ -117,13 +126,8 @@ def chunked_dot(x: jax.Array, w: jax.Array, k_chunk: int = K_CHUNK, *, batched: 
         rest = [(kf, K)] if kf < K else []
     else:
         rest = chunk_bounds(K, k_chunk)
-    dims = (((2,), (1,)), ((0,), (0,))) if batched else (((1,), (0,)), ((), ()))
     for k0, k1 in rest:
-        parts.append(
-            lax.dot_general(
-                x[..., k0:k1], w[..., k0:k1, :], dims, precision=_HIGHEST, preferred_element_type=jnp.float32
-            )
-        )
+        parts.append(_chunk_product(x[..., k0:k1], _k_slice(w, k0, k1, w_transposed), batched, w_transposed))
     acc = parts[0]
     for part in parts[1:]:  # left to right (a list of differently shaped slices' products)
         acc = acc + part
@@ -137,9 +141,24 @@ UNROLLED_CHUNKS = 16
 CHUNK_PRODUCTS_BYTES = 1 << 30
 
 
-def _looped_chunks(x: jax.Array, w: jax.Array, k_chunk: int, *, batched: bool) -> jax.Array:
-    """:func:`chunked_dot` (float32 operands) as a loop: x [M, K] @ w [K, N] -> [M, N] or
-    x [B, M, K] @ w [B, K, N] -> [B, M, N].
+def _k_slice(w, k0, k1, w_transposed):
+    """Contraction slice [k0, k1) of w ([..., K, N], or [N, K] when ``w_transposed``)."""
+    return w[:, k0:k1] if w_transposed else w[..., k0:k1, :]
+
+
+def _chunk_product(xs, ws, batched, w_transposed):
+    """One chunk GEMM: xs [(B,) M, kc] with ws [(B,) kc, N] (or [N, kc]) -> [(B,) M, N] f32."""
+    if batched:
+        dims = (((2,), (1,)), ((0,), (0,)))
+    else:
+        dims = (((1,), (1 if w_transposed else 0,)), ((), ()))
+    return lax.dot_general(xs, ws, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _looped_chunks(x: jax.Array, w: jax.Array, k_chunk: int, *, batched: bool,
+                   w_transposed: bool = False) -> jax.Array:
+    """:func:`chunked_dot` (float32 operands) as a loop: x [M, K] @ w [K, N] -> [M, N]
+    (w [N, K] with ``w_transposed``) or x [B, M, K] @ w [B, K, N] -> [B, M, N].
 
     ``acc = P_0``, then ``acc = acc + P_c`` for the whole chunks ``c = 1 .. C-1`` in a
     ``fori_loop`` (``P_c`` = the GEMM of contraction slice ``[c·k_chunk, (c+1)·k_chunk)``,
@@ -148,20 +167,19 @@ def _looped_chunks(x: jax.Array, w: jax.Array, k_chunk: int, *, batched: bool) -
     """
     K = x.shape[-1]
     n_full = K // k_chunk
-    dims = (((2,), (1,)), ((0,), (0,))) if batched else (((1,), (0,)), ((), ()))
 
     def product(xs, ws):
-        return lax.dot_general(xs, ws, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+        return _chunk_product(xs, ws, batched, w_transposed)
 
     def chunk(c):
         xs = lax.dynamic_slice_in_dim(x, c * k_chunk, k_chunk, axis=x.ndim - 1)
-        ws = lax.dynamic_slice_in_dim(w, c * k_chunk, k_chunk, axis=w.ndim - 2)
+        ws = lax.dynamic_slice_in_dim(w, c * k_chunk, k_chunk, axis=1 if w_transposed else w.ndim - 2)
         return product(xs, ws)
 
-    acc = lax.fori_loop(1, n_full, lambda c, a: a + chunk(c), product(x[..., :k_chunk], w[..., :k_chunk, :]))
+    acc = lax.fori_loop(1, n_full, lambda c, a: a + chunk(c), product(x[..., :k_chunk], _k_slice(w, 0, k_chunk, w_transposed)))
     kf = n_full * k_chunk
     if kf < K:
-        acc = acc + product(x[..., kf:], w[..., kf:, :])
+        acc = acc + product(x[..., kf:], _k_slice(w, kf, K, w_transposed))
     return acc
 
 
@@ -196,7 +214,11 @@ def _bi_matmul_2d_fwd(x, w, row_tile, k_chunk, impl):
 
 def _bi_matmul_2d_bwd(row_tile, k_chunk, impl, res, dy):
     x, w = res
-    dx = _forward_2d(dy, w.T, row_tile, k_chunk, impl).astype(x.dtype)
+    if impl == "pallas":
+        dx = _forward_2d(dy, w.T, row_tile, k_chunk, impl).astype(x.dtype)
+    else:  # the reference chain on w [K, N] as given: dy [M, N] contracts its N axis in place
+        dyp = pad_axis(dy, 0, round_up(max(dy.shape[0], 1), row_tile))
+        dx = chunked_dot(dyp, w, k_chunk, w_transposed=True)[: dy.shape[0]].astype(x.dtype)
     dw = weight_grad(x, dy, row_tile=row_tile, k_chunk=k_chunk, impl=impl).astype(w.dtype)
     return dx, dw
 

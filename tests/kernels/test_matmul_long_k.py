@@ -86,3 +86,27 @@ def test_large_chunk_products_loop_with_the_batched_gemm_bits(monkeypatch):
         looped = jax.jit(lambda a, b: chunked_dot(a, b))  # a new function: traced under the patch
         assert "while" in looped.lower(x, w).as_text()
         assert_bits_equal(looped(x, w), batched_gemm, "looped for its size")
+
+
+@pytest.mark.parametrize(("k", "dtype"), [(4800, "float32"), (300, "float32"), (17 * 512 + 100, "bfloat16")])
+def test_a_transposed_weight_is_contracted_in_place_with_the_same_bits(k, dtype):
+    """``chunked_dot(dy, w, w_transposed=True)`` (w [N, K] as given: the input gradient
+    ``dy @ w.T``) has the bits of the chain on a materialised ``w.T`` — the hMLP's real
+    contraction (9 chunks + 192), one short chunk, and the loop over > 16 chunks — and
+    ``matmul``'s backward uses it without a transpose copy of the weight."""
+    from tml.kernels.tiled_matmul import chunked_dot
+
+    dy, wt = _operands(k, 64, k, 96, dtype)  # dy [64, K]; the layer's weight w [N, K] = wt.T
+    w = jnp.asarray(wt.T, copy=True)
+    in_place = jax.jit(functools.partial(chunked_dot, w_transposed=True))(dy, w)
+    assert_bits_equal(in_place, jax.jit(chunked_dot)(dy, jnp.asarray(w.T, copy=True)), f"K={k}")
+    assert not bits_equal(in_place, jax.jit(chunked_dot)(dy[:, ::-1], jnp.asarray(w.T[::-1], copy=True)))
+    # through matmul's custom VJP: dx of y = x @ w is dy @ w.T, here with w [N=K', ...]
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((70, w.shape[0])), dtype)
+    dx, _ = grad_fn(x, w, "batch_invariant")
+    dy_x = jax.grad(lambda y: jnp.sum(jnp.sin(y)))(matmul(x, w, mode="batch_invariant"))
+    expect = chunked_dot(jnp.pad(dy_x, ((0, 58), (0, 0))), jnp.asarray(w.T, copy=True))[:70].astype(dtype)
+    assert_bits_equal(dx, expect, f"matmul dx, K={k}")
+    hlo = jax.jit(jax.grad(_loss, argnums=0), static_argnums=2).lower(x, w, "batch_invariant").compile().as_text()
+    assert not any("transpose(" in line and f"[{w.shape[1]},{w.shape[0]}]" in line for line in hlo.splitlines()), \
+        "the backward copied w.T"
