@@ -117,7 +117,15 @@ from .split_kv import (
     unprepare,
     visible,
 )
-from .tiling import LANES, SPLIT_SIZE, ordered_sum, pad_axis, pairwise_sum, round_up
+from .tiling import (
+    LANES,
+    SPLIT_SIZE,
+    ordered_sum,
+    pad_axis,
+    pairwise_sum,
+    round_up,
+    rounded,
+)
 
 _HIGHEST = lax.Precision.HIGHEST
 QUERY_BLOCK = 64  # query positions per block of a full row: a constant, never derived from the row count
@@ -241,9 +249,15 @@ def _fold_blocks(parts, plan: BlockPlan, rows: int):
     c_s, l_s, o_s = parts
     B, H, _, QBr, Dv = o_s.shape
     state = init_state((B, H, plan.by_block.shape[0], QBr), Dv)
-    for m in range(plan.by_block.shape[1]):  # each block's m-th split, left to right
-        idx = jnp.asarray(plan.by_block[:, m])
-        state = combine(state, c_s[:, :, idx], l_s[:, :, idx], o_s[:, :, idx])
+    columns = jnp.asarray(plan.by_block.T)  # [max_splits, n_blocks]: each block's m-th pair
+
+    def fold(m, state):  # each block's m-th split, left to right
+        idx = columns[m]
+        return combine(state, c_s[:, :, idx], l_s[:, :, idx], o_s[:, :, idx])
+
+    # a loop, not an unrolled chain: XLA:CPU fused the unrolled chain into each consumer of
+    # the output, so the backward's di recomputed the whole fold (~40% of a layer's fwd+bwd)
+    state = lax.fori_loop(0, plan.by_block.shape[1], fold, state)
     out, c, l = finalize(state)
     return out.reshape(B, H, rows, -1), c.reshape(B, H, rows, 1), l.reshape(B, H, rows, 1)
 
@@ -273,10 +287,14 @@ def _pair_grads(qp, kp, vp, mask, c_p, rl_p, di_p, do_p):
 
 
 def _backward_inputs(out, l, dout):
-    """do = dout f32, 1/l (1 where l = 0), di = pairwise rowsum(do * out) [B,H,R,1]."""
+    """do = dout f32, 1/l (1 where l = 0), di = pairwise rowsum(do * out) [B,H,R,1].
+
+    The products are :func:`~tml.kernels.tiling.rounded` before the sum: fused with it,
+    XLA:CPU contracts them into FMAs or not depending on what else it fused (how the
+    forward's fold was written changed di's bits)."""
     do = dout.astype(jnp.float32)
     rl = 1.0 / jnp.where(l > 0, l, 1.0)
-    return do, rl, pairwise_sum(do * out, -1, keepdims=True)
+    return do, rl, pairwise_sum(rounded(do * out), -1, keepdims=True)
 
 
 def _fold_grads(parts, plan: BlockPlan, L: Layout):
@@ -451,7 +469,7 @@ def _bi_attention_bwd(causal, window, split_size, impl, plan_key, data_skip, res
     s = _scores(L.qs, k5, nS)
     rl = (1.0 / jnp.where(l > 0, l, 1.0))[:, :, None]  # [B, H, 1, R, 1]
     p = jnp.where(mask, jnp.exp2(s - c[:, :, None]) * rl, 0.0)  # softmax probabilities [B, H, nS, R, S]
-    di = pairwise_sum(do * out, -1, keepdims=True)[:, :, None]  # [B, H, 1, R, 1]
+    di = _backward_inputs(out, l, dout)[2][:, :, None]  # [B, H, 1, R, 1]
     dob = jnp.broadcast_to(do[:, :, None], (B, H, nS, R, do.shape[-1]))
     qb = jnp.broadcast_to(L.qs[:, :, None], (B, H, nS, R, D))
     batch = ((0, 1, 2), (0, 1, 2))

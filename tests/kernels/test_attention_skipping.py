@@ -213,3 +213,52 @@ def test_segment_alone_equals_segment_in_packed_row_standard_does_not():
         packed = np.asarray(f(q, k, v, q_segment_ids=seg, kv_segment_ids=seg))[1:2, a:b]
         assert bits_equal(alone, packed) == equal, mode
         np.testing.assert_allclose(alone, packed, atol=3e-6, rtol=3e-6)
+
+
+def _unrolled_fold(parts, plan, rows):
+    """The forward fold written as an unrolled chain (the code before the loop)."""
+    from tml.kernels.split_kv import combine, finalize, init_state
+
+    c_s, l_s, o_s = parts
+    B, H, _, QBr, Dv = o_s.shape
+    state = init_state((B, H, plan.by_block.shape[0], QBr), Dv)
+    for m in range(plan.by_block.shape[1]):
+        idx = jnp.asarray(plan.by_block[:, m])
+        state = combine(state, c_s[:, :, idx], l_s[:, :, idx], o_s[:, :, idx])
+    out, c, l = finalize(state)
+    return out.reshape(B, H, rows, -1), c.reshape(B, H, rows, 1), l.reshape(B, H, rows, 1)
+
+
+def _row_grads(q, k, v, dout):
+    """out, dq, dk, dv of a full causal row (the public call)."""
+    out, vjp = jax.vjp(lambda q, k, v: attention(q, k, v, mode="batch_invariant"), q, k, v)
+    return (out, *vjp(dout))
+
+
+def test_gradients_do_not_depend_on_how_the_forward_fold_is_written(monkeypatch):
+    """The forward fold is a loop (unrolled, XLA:CPU fused the whole chain into each
+    consumer of the output, so the backward recomputed it). Unrolled or looped, the output
+    and every gradient keep their bits, because the backward's ``di = rowsum(do * out)``
+    rounds its products before the sum: no FMA forms there, whatever was fused around it.
+    Without that rounding, dq and dk of this row (512 positions, ``small``'s heads, the
+    cotangent a constant of the program) change with the fold's form (measured on the
+    pinned jax)."""
+    rng = np.random.default_rng(6)
+    q, dout = (jnp.asarray(rng.standard_normal((1, 512, 8, 64)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((1, 512, 4, 64)), jnp.float32) for _ in range(2))
+
+    def both():  # new functions each time: traced under the current patches
+        looped = jax.jit(lambda q, k, v: _row_grads(q, k, v, dout))(q, k, v)
+        with monkeypatch.context() as m:
+            m.setattr(ska, "_fold_blocks", _unrolled_fold)
+            unrolled = jax.jit(lambda q, k, v: _row_grads(q, k, v, dout))(q, k, v)
+        return looped, unrolled
+
+    looped, unrolled = both()
+    for a, b, name in zip(looped, unrolled, ("out", "dq", "dk", "dv")):
+        assert_bits_equal(a, b, f"{name}: looped vs unrolled fold")
+    monkeypatch.setattr(ska, "rounded", lambda x: x)
+    looped, unrolled = both()
+    assert bits_equal(looped[0], unrolled[0])
+    assert not (bits_equal(looped[1], unrolled[1]) and bits_equal(looped[2], unrolled[2])), \
+        "without rounding di's products, the fold's form should have changed dq or dk"
