@@ -25,6 +25,16 @@ jax/jaxlib are not the versions the bitwise guarantees were measured on
 (:mod:`tml.kernels.version_check`).
 """
 
+if __name__ != "tml.kernels":
+    # The repository root is on sys.path (Python started there), so this directory
+    # shadows the PyPI package `kernels`, which transformers >= 5.25 imports.
+    raise ImportError(
+        f"{__file__} is tml's kernels/, imported as top-level {__name__!r} because the "
+        "tml repository root is on sys.path (Python was started from it). It shadows the "
+        "installed `kernels` package (needed by transformers >= 5.25). Import tml.kernels, "
+        "and start Python from another directory (or run pytest, which appends the root)."
+    )
+
 from .collectives import (
     all_reduce_chunks,
     chunked_linear,

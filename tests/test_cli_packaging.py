@@ -78,6 +78,26 @@ def test_wheel_maps_top_level_folders_into_the_tml_namespace(tmp_path):
         assert mod in names, mod
 
 
+def test_the_repository_kernels_folder_never_shadows_the_installed_kernels_package():
+    """transformers >= 5.25 imports the PyPI package `kernels` (hub kernels). Under pytest
+    the repository root is appended to sys.path, so that package wins; a Python started in
+    the root (root first on sys.path) gets tml's folder, which refuses with what to do."""
+    import importlib.metadata
+    import importlib.util
+
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the PyPI package `kernels` is not installed (transformers < 5.25)")
+    origin = Path(importlib.util.find_spec("kernels").origin).resolve()
+    assert origin.parent != ROOT / "kernels", f"`import kernels` finds tml's folder: {origin}"
+
+    r = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1
+    assert "is tml's kernels/, imported as top-level 'kernels'" in r.stderr
+    assert "Import tml.kernels" in r.stderr
+
+
 def test_data_build_end_to_end_through_the_cli(tmp_path):
     out = tmp_path / "corpus"
     args = ["data", "build", f"data.out_dir={out}", "data.n_conversations=6", "data.eval_conversations=2",
